@@ -1,0 +1,184 @@
+//! Decode stage: payload bytes (+ receive time) to readings, or a typed error.
+//!
+//! Pure functions, no I/O, so the shard workers, `replay`, the benches and the
+//! fuzz targets all drive the same code. The encoding (JSON or CBOR) is taken
+//! from the MQTT 5 content type when the publisher set a known one, otherwise
+//! sniffed: JSON text starts with `[` or `{` after optional white space, which
+//! no SenML or native CBOR item can. The family is told from the shape: an
+//! array is a SenML pack, a map is a native message.
+
+pub mod native;
+pub mod senml;
+
+use crate::model::{Decoded, Micros};
+
+/// Why a payload could not be used. Each variant has a stable
+/// [`reason`](DecodeError::reason) used as a metrics label.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty payload")]
+    Empty,
+    #[error("payload is neither a SenML pack (array) nor a native message (map)")]
+    UnknownShape,
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("malformed CBOR: {0}")]
+    Cbor(String),
+    #[error("SenML: {0}")]
+    Senml(String),
+    #[error("native: {0}")]
+    Native(String),
+    #[error("metric {metric:?}: value is not finite")]
+    NotFinite { metric: String },
+    #[error("time out of range")]
+    TimeOutOfRange,
+}
+
+impl DecodeError {
+    /// A short, stable label for counters and the dead-letter table.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::UnknownShape => "unknown_shape",
+            DecodeError::Json(_) => "malformed_json",
+            DecodeError::Cbor(_) => "malformed_cbor",
+            DecodeError::Senml(_) => "invalid_senml",
+            DecodeError::Native(_) => "invalid_native",
+            DecodeError::NotFinite { .. } => "not_finite",
+            DecodeError::TimeOutOfRange => "time_out_of_range",
+        }
+    }
+}
+
+/// The wire encoding of a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    Cbor,
+}
+
+/// The payload family, told from the outermost item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Senml,
+    Native,
+}
+
+/// CBOR self-describe tag 55799 (`d9 d9 f7`), which a publisher may prepend.
+const CBOR_SELF_DESCRIBE: [u8; 3] = [0xd9, 0xd9, 0xf7];
+
+/// Tells encoding and family from the MQTT 5 content type (when known) and
+/// the first meaningful byte.
+pub fn sniff<'p>(
+    payload: &'p [u8],
+    content_type: Option<&str>,
+) -> Result<(Encoding, Family, &'p [u8]), DecodeError> {
+    let by_type = content_type.and_then(|ct| {
+        let ct = ct.split(';').next().unwrap_or("").trim();
+        match ct {
+            "application/senml+json" => Some((Encoding::Json, Some(Family::Senml))),
+            "application/senml+cbor" => Some((Encoding::Cbor, Some(Family::Senml))),
+            "application/json" => Some((Encoding::Json, None)),
+            "application/cbor" => Some((Encoding::Cbor, None)),
+            _ => None,
+        }
+    });
+    let trimmed = {
+        let start = payload
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .ok_or(DecodeError::Empty)?;
+        &payload[start..]
+    };
+    let json_first = match trimmed.first() {
+        Some(b'[') => Some(Family::Senml),
+        Some(b'{') => Some(Family::Native),
+        _ => None,
+    };
+    let encoding = match by_type {
+        Some((encoding, _)) => encoding,
+        None if json_first.is_some() => Encoding::Json,
+        None => Encoding::Cbor,
+    };
+    match encoding {
+        Encoding::Json => {
+            let family = json_first.ok_or(DecodeError::UnknownShape)?;
+            Ok((Encoding::Json, family, trimmed))
+        }
+        Encoding::Cbor => {
+            let body = payload.strip_prefix(&CBOR_SELF_DESCRIBE[..]).unwrap_or(payload);
+            let first = *body.first().ok_or(DecodeError::Empty)?;
+            let family = match first >> 5 {
+                4 => Family::Senml,
+                5 => Family::Native,
+                _ => return Err(DecodeError::UnknownShape),
+            };
+            Ok((Encoding::Cbor, family, body))
+        }
+    }
+}
+
+/// Decodes a payload received at `received` (used for SenML relative times).
+///
+/// # Errors
+/// Any [`DecodeError`]: the payload is then unusable as a whole and belongs in
+/// the dead-letter table; no partial result is returned.
+pub fn decode(payload: &[u8], content_type: Option<&str>, received: Micros) -> Result<Decoded, DecodeError> {
+    let (encoding, family, body) = sniff(payload, content_type)?;
+    let decoded = match family {
+        Family::Senml => senml::decode(body, encoding, received)?,
+        Family::Native => native::decode(body, encoding)?,
+    };
+    for reading in &decoded.readings {
+        let finite = match reading.value {
+            crate::model::Value::Number(v) => v.is_finite(),
+            _ => true,
+        } && reading.sum.is_none_or(f64::is_finite);
+        if !finite {
+            return Err(DecodeError::NotFinite {
+                metric: reading.metric.clone(),
+            });
+        }
+    }
+    Ok(decoded)
+}
+
+/// Seconds as an `f64` (SenML) to microseconds, rejecting what does not fit.
+pub(crate) fn seconds_to_micros(seconds: f64) -> Result<Micros, DecodeError> {
+    let us = (seconds * 1e6).round();
+    // ±(2^62) µs is about ±146,000 years: far beyond any real timestamp.
+    if us.is_finite() && us.abs() < 4.6e18 {
+        Ok(us as i64)
+    } else {
+        Err(DecodeError::TimeOutOfRange)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_json_and_cbor_families() {
+        assert_eq!(sniff(b" [ ]", None).map(|r| (r.0, r.1)), Ok((Encoding::Json, Family::Senml)));
+        assert_eq!(sniff(b"\n{}", None).map(|r| (r.0, r.1)), Ok((Encoding::Json, Family::Native)));
+        assert_eq!(sniff(&[0x81, 0xa0], None).map(|r| (r.0, r.1)), Ok((Encoding::Cbor, Family::Senml)));
+        assert_eq!(sniff(&[0xa1, 0x00], None).map(|r| (r.0, r.1)), Ok((Encoding::Cbor, Family::Native)));
+        assert_eq!(
+            sniff(&[0xd9, 0xd9, 0xf7, 0x80], None).map(|r| (r.0, r.1)),
+            Ok((Encoding::Cbor, Family::Senml))
+        );
+        assert_eq!(sniff(b"", None), Err(DecodeError::Empty));
+        assert_eq!(sniff(b"42", None).map(|r| r.1), Err(DecodeError::UnknownShape));
+    }
+
+    #[test]
+    fn content_type_overrides_sniffing() {
+        // 0x5b is '[' in ASCII but a CBOR byte string header: the content
+        // type says CBOR, so it is not taken for JSON.
+        assert_eq!(
+            sniff(&[0x5b], Some("application/senml+cbor")).map(|r| r.1),
+            Err(DecodeError::UnknownShape)
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! edge-gateway: MQTT in, time-partitioned PostgreSQL out, nothing lost.
+pub mod decode;
+pub mod model;

@@ -1,0 +1,123 @@
+//! The shared model every stage speaks: readings, messages, and time.
+//!
+//! Times are `i64` microseconds since the Unix epoch everywhere inside the
+//! gateway (PostgreSQL's `timestamptz` resolution), converted only at the
+//! edges: SenML seconds and native milliseconds on the way in, PostgreSQL's
+//! 2000-01-01 epoch on the way out.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Microseconds since the Unix epoch.
+pub type Micros = i64;
+
+pub const MICROS_PER_SEC: i64 = 1_000_000;
+pub const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SEC;
+
+/// The current wall-clock time in microseconds since the Unix epoch.
+pub fn now_micros() -> Micros {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+/// The value a reading carries. SenML allows strings, booleans and binary
+/// data beside numbers; numeric analytics only look at [`Value::Number`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Bool(bool),
+    Text(String),
+    Data(Vec<u8>),
+    /// A SenML record with a sum and no value.
+    None,
+}
+
+/// One measurement of one metric of one device at one time. The device is
+/// known from the message, so it is not repeated here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub time: Micros,
+    pub metric: String,
+    pub value: Value,
+    pub unit: Option<String>,
+    /// SenML `s` (+ `bs`): the integral of the value over time.
+    pub sum: Option<f64>,
+}
+
+/// What one payload decodes to.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decoded {
+    pub readings: Vec<Reading>,
+    /// The per-device message sequence, where the format carries one (native).
+    pub seq: Option<u64>,
+}
+
+/// A message as it leaves the source: routed by device, decoded by the shard
+/// worker that owns the device.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Position in receive order; the ack ledger releases PUBACKs by it.
+    pub id: u64,
+    pub device: Arc<str>,
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub received: Micros,
+    /// The MQTT 5 content type, when the publisher set one.
+    pub content_type: Option<Arc<str>>,
+}
+
+/// Days since 1970-01-01 to a civil (year, month, day), proleptic Gregorian.
+/// Howard Hinnant's `civil_from_days`.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Formats microseconds since the epoch as RFC 3339 UTC with microseconds.
+pub fn format_rfc3339(t: Micros) -> String {
+    let days = t.div_euclid(MICROS_PER_DAY);
+    let in_day = t.rem_euclid(MICROS_PER_DAY);
+    let (y, mo, d) = civil_from_days(days);
+    let secs = in_day / MICROS_PER_SEC;
+    let us = in_day % MICROS_PER_SEC;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{us:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(10_957), (2000, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_416), (2025, 11, 24));
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_rfc3339(1_732_492_800_123_456),
+            "2024-11-25T00:00:00.123456Z"
+        );
+    }
+}
