@@ -1,3 +1,11 @@
 //! edge-gateway: MQTT in, time-partitioned PostgreSQL out, nothing lost.
+pub mod config;
 pub mod decode;
+pub mod demo;
+pub mod local;
 pub mod model;
+pub mod pipeline;
+pub mod shard;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

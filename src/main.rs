@@ -1,1 +1,126 @@
-fn main(){}
+//! The `edge-gateway` binary: command line, tracing, signals. Everything
+//! else lives in the library (`edge_gateway::pipeline::run`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge_gateway::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// IoT edge ingestion gateway: MQTT to time-partitioned PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway service.
+    Run {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Everything local: embedded broker, throwaway PostgreSQL, simulated devices.
+    Demo {
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Samples per second per device.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Samples per message.
+        #[arg(long, default_value_t = 10)]
+        pack: usize,
+    },
+    /// Create the schema and partitions, then exit.
+    Migrate {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print the effective one (secrets masked).
+    CheckConfig {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(Some(path)).with_context(|| format!("invalid configuration ({})", path.display()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Run { config } => {
+            let config = load(&config)?;
+            edge_gateway::pipeline::run(config, shutdown_on_signals()).await?;
+        }
+        Command::Demo {
+            seconds,
+            devices,
+            rate,
+            pack,
+        } => {
+            let options = edge_gateway::demo::DemoOptions {
+                seconds,
+                devices,
+                rate,
+                pack,
+            };
+            edge_gateway::demo::run(options, shutdown_on_signals()).await?;
+        }
+        Command::Migrate { config } => {
+            let config = load(&config)?;
+            let partitions = edge_gateway::sink::partitions::Partitions::new(
+                &config.database.schema,
+                config.database.partition,
+            );
+            edge_gateway::pipeline::migrate(&config, &partitions).await?;
+            println!("schema {} is up to date", config.database.schema);
+        }
+        Command::CheckConfig { config } => {
+            let config = load(&config)?;
+            print!("{}", config.to_redacted_toml());
+        }
+    }
+    Ok(())
+}

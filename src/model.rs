@@ -61,7 +61,8 @@ pub struct Decoded {
 pub struct Message {
     /// Position in receive order; the ack ledger releases PUBACKs by it.
     pub id: u64,
-    pub device: Arc<str>,
+    /// The device id from the topic; `None` when no filter matched.
+    pub device: Option<Arc<str>>,
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub received: Micros,
@@ -82,6 +83,18 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// Civil (year, month, day) to days since 1970-01-01; inverse of
+/// [`civil_from_days`]. Howard Hinnant's `days_from_civil`.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Formats microseconds since the epoch as RFC 3339 UTC with microseconds.
@@ -110,6 +123,10 @@ mod tests {
         assert_eq!(civil_from_days(10_957), (2000, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         assert_eq!(civil_from_days(20_416), (2025, 11, 24));
+        for days in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

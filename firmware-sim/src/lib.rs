@@ -1,0 +1,399 @@
+//! firmware-sim: simulated devices publishing realistic sensor data over MQTT.
+//!
+//! Every value is a pure function of (seed, device, metric, sample index), so
+//! a test can recompute exactly what a run published ([`expected_readings`])
+//! and compare it with what landed in the database. Signals have a daily
+//! cycle with a per-device phase, a slow drift, and Gaussian noise.
+//!
+//! The library is what the `firmware-sim` binary runs and what
+//! `edge-gateway demo` embeds; it shares only the payload model and encoders
+//! (`edge-payload`) with the gateway.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edge_payload::{Format, Sample};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+/// Metrics a simulated device can report: name, unit, base, daily amplitude,
+/// noise standard deviation, drift per day.
+pub const METRICS: [(&str, &str, f64, f64, f64, f64); 4] = [
+    ("temperature", "Cel", 21.0, 4.0, 0.3, 0.5),
+    ("humidity", "%RH", 45.0, 10.0, 1.0, -1.0),
+    ("pressure", "Pa", 101_325.0, 300.0, 20.0, 0.0),
+    ("vibration", "m/s2", 0.2, 0.05, 0.02, 0.01),
+];
+
+/// The SenML unit of a metric.
+pub fn unit_of(metric: &str) -> Option<&'static str> {
+    METRICS.iter().find(|m| m.0 == metric).map(|m| m.1)
+}
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("--broker: expected mqtt://host:port, got {0:?}")]
+    Broker(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{unacked} of {published} QoS 1 messages were not acknowledged by the broker within {secs} s")]
+    Unacked {
+        published: u64,
+        unacked: u64,
+        secs: u64,
+    },
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// `mqtt://host:port`.
+    pub broker: String,
+    pub devices: usize,
+    /// Samples per second per device; 0 publishes as fast as the broker accepts.
+    pub rate: f64,
+    /// Samples per device; `None` runs until `seconds` or until stopped.
+    pub count: Option<u64>,
+    pub seconds: Option<f64>,
+    pub format: Format,
+    /// 0 or 1.
+    pub qos: u8,
+    pub seed: u64,
+    /// How many of [`METRICS`] each sample carries (1 to 4).
+    pub metrics: usize,
+    /// Samples packed into one message.
+    pub pack: usize,
+    /// Timestamp of sample 0 in ms since the epoch; default: now.
+    pub start_ms: Option<i64>,
+    /// Milliseconds between samples; default: 1000 / rate (1000 when rate is 0).
+    pub step_ms: Option<i64>,
+    /// Device ids are this prefix and a 4-digit index.
+    pub device_prefix: String,
+    /// Topic with `{device}` in place of the device id.
+    pub topic: String,
+    pub client_id: String,
+    /// Print progress to stderr every second.
+    pub progress: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            broker: "mqtt://127.0.0.1:1883".into(),
+            devices: 10,
+            rate: 1.0,
+            count: None,
+            seconds: None,
+            format: Format::SenmlCbor,
+            qos: 1,
+            seed: 1,
+            metrics: 2,
+            pack: 1,
+            start_ms: None,
+            step_ms: None,
+            device_prefix: "sim-".into(),
+            topic: "devices/{device}/telemetry".into(),
+            client_id: "firmware-sim".into(),
+            progress: false,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`SimError::Invalid`] naming the option.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |s: &str| Err(SimError::Invalid(s.to_string()));
+        if self.devices == 0 {
+            return bad("--devices must be at least 1");
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return bad("--rate must be a number >= 0");
+        }
+        if !(1..=METRICS.len()).contains(&self.metrics) {
+            return bad("--metrics must be 1 to 4");
+        }
+        if self.pack == 0 || self.pack > 10_000 {
+            return bad("--pack must be 1 to 10000");
+        }
+        if self.qos > 1 {
+            return bad("--qos must be 0 or 1");
+        }
+        if self.count.is_none() && self.seconds.is_none() {
+            return bad("give --count or --seconds");
+        }
+        if !self.topic.contains("{device}") {
+            return bad("--topic must contain {device}");
+        }
+        broker_addr(&self.broker).map(|_| ())
+    }
+
+    fn step(&self) -> i64 {
+        self.step_ms.unwrap_or(if self.rate > 0.0 {
+            (1000.0 / self.rate).round().max(1.0) as i64
+        } else {
+            1000
+        })
+    }
+}
+
+fn broker_addr(url: &str) -> Result<(String, u16), SimError> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| SimError::Broker(url.into()))?;
+    let (host, port) = rest
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .unwrap_or((rest, "1883"));
+    let port = port.parse().map_err(|_| SimError::Broker(url.into()))?;
+    Ok((host.to_string(), port))
+}
+
+/// Id of device `index`.
+pub fn device_id(prefix: &str, index: usize) -> String {
+    format!("{prefix}{index:04}")
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// SplitMix64: a well-mixed hash of the inputs, the only randomness used.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn unit_float(h: u64) -> f64 {
+    ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// The value of `metric` of `device` for sample `index` taken at `ts_ms`.
+pub fn value(seed: u64, device: usize, metric: usize, index: u64, ts_ms: i64) -> f64 {
+    let (_, _, base, amplitude, noise, drift) = METRICS[metric];
+    let days = ts_ms as f64 / 86_400_000.0;
+    let phase = unit_float(mix(seed ^ mix(device as u64 + 1))) * std::f64::consts::TAU;
+    let h =
+        mix(seed
+            ^ mix((device as u64) << 32 ^ (metric as u64) << 24 ^ index.wrapping_mul(0x100_0001)));
+    // Box-Muller from two halves of the hash.
+    let (u1, u2) = (unit_float(h), unit_float(mix(h)));
+    let gauss = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    let raw = base
+        + amplitude * (std::f64::consts::TAU * days + phase).sin()
+        + drift * days.fract()
+        + noise * gauss;
+    // Sensors report a fixed resolution.
+    (raw * 1e4).round() / 1e4
+}
+
+/// Sample `index` of `device`.
+pub fn sample(config: &SimConfig, start_ms: i64, device: usize, index: u64) -> Sample {
+    let ts_ms = start_ms + index as i64 * config.step();
+    Sample {
+        ts_ms,
+        metrics: (0..config.metrics)
+            .map(|m| {
+                (
+                    METRICS[m].0.to_string(),
+                    value(config.seed, device, m, index, ts_ms),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// One reading as the database should hold it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpectedReading {
+    pub device: String,
+    pub metric: String,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// Every reading a `--count` run starting at `start_ms` publishes.
+pub fn expected_readings(config: &SimConfig, start_ms: i64) -> Vec<ExpectedReading> {
+    let count = config.count.unwrap_or(0);
+    let mut out = Vec::with_capacity(config.devices * count as usize * config.metrics);
+    for d in 0..config.devices {
+        let device = device_id(&config.device_prefix, d);
+        for i in 0..count {
+            let s = sample(config, start_ms, d, i);
+            for (metric, value) in s.metrics {
+                out.push(ExpectedReading {
+                    device: device.clone(),
+                    metric,
+                    ts_ms: s.ts_ms,
+                    value,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What a run published.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub devices: usize,
+    pub messages: u64,
+    pub readings: u64,
+    /// QoS 1 messages the broker acknowledged.
+    pub acked: u64,
+    pub start_ms: i64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    /// One line of JSON with every figure.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"devices\":{},\"messages\":{},\"readings\":{},\"acked\":{},\"start_ms\":{},\"elapsed_s\":{:.3},\"readings_per_s\":{:.1}}}",
+            self.devices,
+            self.messages,
+            self.readings,
+            self.acked,
+            self.start_ms,
+            self.elapsed.as_secs_f64(),
+            self.readings as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        )
+    }
+}
+
+/// Publishes until `count` samples per device are out, `seconds` have
+/// passed, or `stop` is cancelled; with QoS 1, waits for every PUBACK.
+///
+/// # Errors
+/// Invalid config, or QoS 1 messages the broker never acknowledged.
+pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary, SimError> {
+    config.validate()?;
+    let (host, port) = broker_addr(&config.broker)?;
+    let mut options = MqttOptions::new(&config.client_id, host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(16 << 20, 16 << 20)
+        .set_inflight(1000)
+        .set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let driver_stop = CancellationToken::new();
+    let driver = tokio::spawn({
+        let acked = acked.clone();
+        let driver_stop = driver_stop.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = driver_stop.cancelled() => return,
+                    event = eventloop.poll() => match event {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked.fetch_add(1, Relaxed);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("firmware-sim: broker connection: {e}; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    let qos = if config.qos == 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
+    let start_ms = config.start_ms.unwrap_or_else(now_ms);
+    let started = Instant::now();
+    let deadline = config.seconds.map(|s| started + Duration::from_secs_f64(s));
+    let topics: Vec<String> = (0..config.devices)
+        .map(|d| {
+            config
+                .topic
+                .replace("{device}", &device_id(&config.device_prefix, d))
+        })
+        .collect();
+    let mut summary = Summary {
+        devices: config.devices,
+        start_ms,
+        ..Summary::default()
+    };
+    let mut next_progress = started + Duration::from_secs(1);
+    let mut index: u64 = 0;
+    let mut seq: u64 = 1;
+    'outer: loop {
+        let n = match config.count {
+            Some(count) if index >= count => break,
+            Some(count) => (count - index).min(config.pack as u64),
+            None => config.pack as u64,
+        };
+        if config.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(index as f64 / config.rate);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        for (d, topic) in topics.iter().enumerate() {
+            if stop.is_cancelled() || deadline.is_some_and(|t| Instant::now() >= t) {
+                break 'outer;
+            }
+            let samples: Vec<Sample> = (index..index + n)
+                .map(|i| sample(config, start_ms, d, i))
+                .collect();
+            let payload = edge_payload::encode(config.format, seq, &samples, &unit_of);
+            if client
+                .publish(topic.as_str(), qos, false, payload)
+                .await
+                .is_err()
+            {
+                break 'outer;
+            }
+            summary.messages += 1;
+            summary.readings += n * config.metrics as u64;
+        }
+        seq += 1;
+        index += n;
+        if config.progress && Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(1);
+            eprintln!(
+                "firmware-sim: {} messages, {} readings, {:.0} readings/s",
+                summary.messages,
+                summary.readings,
+                summary.readings as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let mut result = Ok(());
+    if qos == QoS::AtLeastOnce {
+        let wait = Instant::now();
+        while acked.load(Relaxed) < summary.messages && wait.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = acked.load(Relaxed);
+        if got < summary.messages {
+            result = Err(SimError::Unacked {
+                published: summary.messages,
+                unacked: summary.messages - got,
+                secs: 60,
+            });
+        }
+    }
+    summary.acked = acked.load(Relaxed);
+    summary.elapsed = started.elapsed();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    driver_stop.cancel();
+    result.map(|()| summary)
+}

@@ -101,11 +101,20 @@ pub struct Sample {
 ///
 /// `seq` is the per-device message sequence number; only the native format
 /// carries it. `units` gives the unit of each metric by name, used by SenML.
-pub fn encode(format: Format, seq: u64, samples: &[Sample], units: &dyn Fn(&str) -> Option<&'static str>) -> Vec<u8> {
+pub fn encode(
+    format: Format,
+    seq: u64,
+    samples: &[Sample],
+    units: &dyn Fn(&str) -> Option<&'static str>,
+) -> Vec<u8> {
     match format {
         Format::SenmlCbor => senml::encode_cbor(&senml::pack_from_samples(samples, units)),
         Format::SenmlJson => senml::encode_json(&senml::pack_from_samples(samples, units)),
-        Format::NativeCbor => native::encode_cbor(&native::NativeMessage::from_samples(seq, samples)),
-        Format::NativeJson => native::encode_json(&native::NativeMessage::from_samples(seq, samples)),
+        Format::NativeCbor => {
+            native::encode_cbor(&native::NativeMessage::from_samples(seq, samples))
+        }
+        Format::NativeJson => {
+            native::encode_json(&native::NativeMessage::from_samples(seq, samples))
+        }
     }
 }

@@ -150,7 +150,10 @@ pub fn encode_cbor(records: &[Record]) -> Vec<u8> {
 /// Builds the pack a simulated device sends for `samples`: the first record
 /// carries the base time, every record a relative `t` and a name; units come
 /// from `units`.
-pub fn pack_from_samples(samples: &[Sample], units: &dyn Fn(&str) -> Option<&'static str>) -> Vec<Record> {
+pub fn pack_from_samples(
+    samples: &[Sample],
+    units: &dyn Fn(&str) -> Option<&'static str>,
+) -> Vec<Record> {
     let base_ms = samples.first().map_or(0, |s| s.ts_ms);
     let mut records = Vec::with_capacity(samples.iter().map(|s| s.metrics.len()).sum());
     for sample in samples {

@@ -106,7 +106,9 @@ pub fn sniff<'p>(
             Ok((Encoding::Json, family, trimmed))
         }
         Encoding::Cbor => {
-            let body = payload.strip_prefix(&CBOR_SELF_DESCRIBE[..]).unwrap_or(payload);
+            let body = payload
+                .strip_prefix(&CBOR_SELF_DESCRIBE[..])
+                .unwrap_or(payload);
             let first = *body.first().ok_or(DecodeError::Empty)?;
             let family = match first >> 5 {
                 4 => Family::Senml,
@@ -123,7 +125,11 @@ pub fn sniff<'p>(
 /// # Errors
 /// Any [`DecodeError`]: the payload is then unusable as a whole and belongs in
 /// the dead-letter table; no partial result is returned.
-pub fn decode(payload: &[u8], content_type: Option<&str>, received: Micros) -> Result<Decoded, DecodeError> {
+pub fn decode(
+    payload: &[u8],
+    content_type: Option<&str>,
+    received: Micros,
+) -> Result<Decoded, DecodeError> {
     let (encoding, family, body) = sniff(payload, content_type)?;
     let decoded = match family {
         Family::Senml => senml::decode(body, encoding, received)?,
@@ -160,16 +166,31 @@ mod tests {
 
     #[test]
     fn sniffs_json_and_cbor_families() {
-        assert_eq!(sniff(b" [ ]", None).map(|r| (r.0, r.1)), Ok((Encoding::Json, Family::Senml)));
-        assert_eq!(sniff(b"\n{}", None).map(|r| (r.0, r.1)), Ok((Encoding::Json, Family::Native)));
-        assert_eq!(sniff(&[0x81, 0xa0], None).map(|r| (r.0, r.1)), Ok((Encoding::Cbor, Family::Senml)));
-        assert_eq!(sniff(&[0xa1, 0x00], None).map(|r| (r.0, r.1)), Ok((Encoding::Cbor, Family::Native)));
+        assert_eq!(
+            sniff(b" [ ]", None).map(|r| (r.0, r.1)),
+            Ok((Encoding::Json, Family::Senml))
+        );
+        assert_eq!(
+            sniff(b"\n{}", None).map(|r| (r.0, r.1)),
+            Ok((Encoding::Json, Family::Native))
+        );
+        assert_eq!(
+            sniff(&[0x81, 0xa0], None).map(|r| (r.0, r.1)),
+            Ok((Encoding::Cbor, Family::Senml))
+        );
+        assert_eq!(
+            sniff(&[0xa1, 0x00], None).map(|r| (r.0, r.1)),
+            Ok((Encoding::Cbor, Family::Native))
+        );
         assert_eq!(
             sniff(&[0xd9, 0xd9, 0xf7, 0x80], None).map(|r| (r.0, r.1)),
             Ok((Encoding::Cbor, Family::Senml))
         );
         assert_eq!(sniff(b"", None), Err(DecodeError::Empty));
-        assert_eq!(sniff(b"42", None).map(|r| r.1), Err(DecodeError::UnknownShape));
+        assert_eq!(
+            sniff(b"42", None).map(|r| r.1),
+            Err(DecodeError::UnknownShape)
+        );
     }
 
     #[test]

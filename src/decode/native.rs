@@ -18,7 +18,9 @@ pub const MAX_METRIC_LEN: usize = 256;
 /// that does not fit.
 pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
     let message: NativeMessage = match encoding {
-        Encoding::Json => serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?,
+        Encoding::Json => {
+            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?
+        }
         Encoding::Cbor => {
             let mut reader = body;
             let message = ciborium::from_reader(&mut reader).map_err(|e| match e {
@@ -91,11 +93,18 @@ mod tests {
 
     #[test]
     fn single_sample_json() {
-        let got = decode_any(br#"{"seq":7,"ts":1700000000123,"m":{"t":21.5,"h":40}}"#, None, 0);
+        let got = decode_any(
+            br#"{"seq":7,"ts":1700000000123,"m":{"t":21.5,"h":40}}"#,
+            None,
+            0,
+        );
         assert_eq!(
             got,
             Ok(Decoded {
-                readings: vec![num(1_700_000_000_123_000, "t", 21.5), num(1_700_000_000_123_000, "h", 40.0)],
+                readings: vec![
+                    num(1_700_000_000_123_000, "t", 21.5),
+                    num(1_700_000_000_123_000, "h", 40.0)
+                ],
                 seq: Some(7)
             })
         );
@@ -110,7 +119,11 @@ mod tests {
         );
         assert_eq!(
             got.map(|d| d.readings),
-            Ok(vec![num(1_000_000, "a", 1.0), num(2_000_000, "a", 2.0), num(2_000_000, "b", 3.0)])
+            Ok(vec![
+                num(1_000_000, "a", 1.0),
+                num(2_000_000, "a", 2.0),
+                num(2_000_000, "b", 3.0)
+            ])
         );
     }
 
@@ -119,8 +132,8 @@ mod tests {
     #[test]
     fn single_sample_cbor_hand_written() {
         let bytes = [
-            0xa3, 0x63, b's', b'e', b'q', 0x01, 0x62, b't', b's', 0x19, 0x03, 0xe8, 0x61, b'm', 0xa1, 0x61,
-            b'x', 0xf9, 0x3e, 0x00,
+            0xa3, 0x63, b's', b'e', b'q', 0x01, 0x62, b't', b's', 0x19, 0x03, 0xe8, 0x61, b'm',
+            0xa1, 0x61, b'x', 0xf9, 0x3e, 0x00,
         ];
         let got = decode_any(&bytes, None, 0);
         assert_eq!(
@@ -139,12 +152,25 @@ mod tests {
             br#"{"seq":1,"ts":1,"m":{"a":1},"samples":[]}"#,
             br#"{"seq":1,"ts":1,"m":{"":1}}"#,
         ] {
-            assert!(matches!(decode_any(bad, None, 0), Err(DecodeError::Native(_))), "{bad:?}");
+            assert!(
+                matches!(decode_any(bad, None, 0), Err(DecodeError::Native(_))),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(decode_any(br#"{"seq":1,"ts":1,"m":{"a":"x"}}"#, None, 0), Err(DecodeError::Json(_))));
-        assert!(matches!(decode_any(br#"{"seq":1,"ts":1,"m":{},"zz":1}"#, None, 0), Err(DecodeError::Json(_))));
         assert!(matches!(
-            decode_any(br#"{"seq":1,"ts":9223372036854775807,"m":{"a":1}}"#, None, 0),
+            decode_any(br#"{"seq":1,"ts":1,"m":{"a":"x"}}"#, None, 0),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode_any(br#"{"seq":1,"ts":1,"m":{},"zz":1}"#, None, 0),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode_any(
+                br#"{"seq":1,"ts":9223372036854775807,"m":{"a":1}}"#,
+                None,
+                0
+            ),
             Err(DecodeError::TimeOutOfRange)
         ));
     }

@@ -170,10 +170,18 @@ impl Visitor<'_> for KeyVisitor {
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Key, E> {
         // Table 4 is conclusive: other integer keys carry no meaning.
-        Ok(if (-6..=8).contains(&v) { Key::Known(v) } else { Key::Ignored })
+        Ok(if (-6..=8).contains(&v) {
+            Key::Known(v)
+        } else {
+            Key::Ignored
+        })
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Key, E> {
-        Ok(if v <= 8 { Key::Known(v as i64) } else { Key::Ignored })
+        Ok(if v <= 8 {
+            Key::Known(v as i64)
+        } else {
+            Key::Ignored
+        })
     }
 }
 
@@ -255,9 +263,7 @@ impl<'de> Visitor<'de> for RecordVisitor {
                     continue;
                 }
                 Key::MustUnderstand(name) => {
-                    return Err(rule(format_args!(
-                        "unknown must-understand label {name:?}"
-                    )))
+                    return Err(rule(format_args!("unknown must-understand label {name:?}")))
                 }
             };
             macro_rules! set {
@@ -458,7 +464,12 @@ mod tests {
         let name = "urn:dev:ow:10e2073a0108006:";
         let mut want = vec![num(base, &format!("{name}voltage"), 120.1, Some("V"))];
         for (back, v) in [(5, 1.2), (4, 1.3), (3, 1.4), (2, 1.5), (1, 1.6), (0, 1.7)] {
-            want.push(num(base - back * 1_000_000, &format!("{name}current"), v, Some("A")));
+            want.push(num(
+                base - back * 1_000_000,
+                &format!("{name}current"),
+                v,
+                Some("A"),
+            ));
         }
         assert_eq!(got, Ok(want));
         // The JSON form of the same example resolves identically.
@@ -477,7 +488,10 @@ mod tests {
             .map(|d| d.readings);
         assert_eq!(
             got,
-            Ok(vec![num(NOW, "a", 1.0, None), num(NOW - 10_000_000, "b", 2.0, None)])
+            Ok(vec![
+                num(NOW, "a", 1.0, None),
+                num(NOW - 10_000_000, "b", 2.0, None)
+            ])
         );
     }
 
@@ -501,14 +515,23 @@ mod tests {
         assert_eq!(r[2].value, Value::Bool(true));
         assert_eq!(r[3].value, Value::Data(vec![1, 2, 3]));
         assert_eq!((r[4].value.clone(), r[4].sum), (Value::None, Some(7.0)));
-        assert!(r.iter().all(|x| x.time == NOW && x.metric.starts_with("d:")));
+        assert!(r
+            .iter()
+            .all(|x| x.time == NOW && x.metric.starts_with("d:")));
     }
 
     #[test]
     fn base_only_record_sets_bases() {
-        let got = decode_any(br#"[{"bn":"dev1/","bt":1700000000},{"n":"t","v":1}]"#, None, NOW)
-            .map(|d| d.readings);
-        assert_eq!(got, Ok(vec![num(1_700_000_000_000_000, "dev1/t", 1.0, None)]));
+        let got = decode_any(
+            br#"[{"bn":"dev1/","bt":1700000000},{"n":"t","v":1}]"#,
+            None,
+            NOW,
+        )
+        .map(|d| d.readings);
+        assert_eq!(
+            got,
+            Ok(vec![num(1_700_000_000_000_000, "dev1/t", 1.0, None)])
+        );
     }
 
     #[test]
@@ -531,22 +554,38 @@ mod tests {
 
     #[test]
     fn unknown_labels_are_ignored() {
-        let got = decode_any(br#"[{"n":"a","v":1,"foo":{"x":[1,2]}}]"#, None, NOW).map(|d| d.readings);
+        let got =
+            decode_any(br#"[{"n":"a","v":1,"foo":{"x":[1,2]}}]"#, None, NOW).map(|d| d.readings);
         assert_eq!(got, Ok(vec![num(NOW, "a", 1.0, None)]));
     }
 
     #[test]
     fn syntax_errors_are_json_or_cbor_errors() {
-        assert!(matches!(decode_any(b"[{\"n\":", None, NOW), Err(DecodeError::Json(_))));
-        assert!(matches!(decode_any(br#"[{"n":"a","v":"1"}]"#, None, NOW), Err(DecodeError::Json(_))));
-        assert!(matches!(decode_any(&[0x81, 0xa1, 0x02], None, NOW), Err(DecodeError::Cbor(_))));
-        assert!(matches!(decode_any(&[0x80, 0x00], None, NOW), Err(DecodeError::Cbor(_))));
+        assert!(matches!(
+            decode_any(b"[{\"n\":", None, NOW),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode_any(br#"[{"n":"a","v":"1"}]"#, None, NOW),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode_any(&[0x81, 0xa1, 0x02], None, NOW),
+            Err(DecodeError::Cbor(_))
+        ));
+        assert!(matches!(
+            decode_any(&[0x80, 0x00], None, NOW),
+            Err(DecodeError::Cbor(_))
+        ));
     }
 
     #[test]
     fn non_finite_values_are_rejected() {
         // CBOR can carry NaN where JSON cannot: [{0: "a", 2: NaN}]
         let bytes = [0x81, 0xa2, 0x00, 0x61, b'a', 0x02, 0xf9, 0x7e, 0x00];
-        assert!(matches!(decode_any(&bytes, None, NOW), Err(DecodeError::NotFinite { .. })));
+        assert!(matches!(
+            decode_any(&bytes, None, NOW),
+            Err(DecodeError::NotFinite { .. })
+        ));
     }
 }

@@ -1,0 +1,658 @@
+//! Configuration: TOML with a default for every key, unknown keys rejected,
+//! environment overrides on top, then [`Config::validate`].
+//!
+//! Every error names the key (`database.batch_rows`) and the reason, so an
+//! operator can fix the file without reading code. `config/gateway.toml`
+//! documents every key with its default; the `///` docs here are the same text.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable overriding `mqtt.url`.
+pub const ENV_MQTT_URL: &str = "GATEWAY_MQTT_URL";
+/// Environment variable overriding `database.url`.
+pub const ENV_DATABASE_URL: &str = "GATEWAY_DATABASE_URL";
+/// Environment variable overriding `http.addr`.
+pub const ENV_HTTP_ADDR: &str = "GATEWAY_HTTP_ADDR";
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub database: DatabaseConfig,
+    pub pipeline: PipelineConfig,
+    pub http: HttpConfig,
+}
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 5: the gateway announces its own receive maximum, so the broker's
+    /// in-flight window does not throttle batching.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1: the broker's own in-flight limit applies (mosquitto:
+    /// `max_inflight_messages`, 20 by default).
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// `[mqtt]`: where readings come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker address, `mqtt://host:port` (`GATEWAY_MQTT_URL` overrides).
+    pub url: String,
+    /// Client id. Stable across restarts: the broker keeps the session (and
+    /// the unacknowledged messages) under it.
+    pub client_id: String,
+    /// Topic filters to subscribe to with QoS 1. Each has exactly one `+`
+    /// segment; the topic level it matches is the device id.
+    pub topics: Vec<String>,
+    /// `"5"` or `"3.1.1"`.
+    pub protocol: Protocol,
+    /// MQTT 5 receive maximum: how many unacknowledged QoS 1 messages the
+    /// broker may have in flight toward the gateway (1 to 65535).
+    pub receive_maximum: u16,
+    /// MQTT 5 session expiry: how long the broker keeps the session while
+    /// the gateway is away, in seconds.
+    pub session_expiry_secs: u32,
+    /// Keep-alive interval, in seconds (at least 5).
+    pub keep_alive_secs: u64,
+    /// First reconnect delay after a connection error, in milliseconds;
+    /// doubles on each failure up to `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Largest accepted payload in bytes; larger ones are dead letters.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "edge-gateway".into(),
+            topics: vec!["devices/+/telemetry".into()],
+            protocol: Protocol::V5,
+            receive_maximum: 16_384,
+            session_expiry_secs: 86_400,
+            keep_alive_secs: 30,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 10_000,
+            max_payload_bytes: 1 << 20,
+        }
+    }
+}
+
+/// How readings are partitioned in time.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionInterval {
+    Hourly,
+    Daily,
+}
+
+impl PartitionInterval {
+    /// Length of one partition in microseconds.
+    pub fn micros(self) -> i64 {
+        match self {
+            PartitionInterval::Hourly => 3_600_000_000,
+            PartitionInterval::Daily => crate::model::MICROS_PER_DAY,
+        }
+    }
+}
+
+/// `[database]`: where readings go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// libpq-style URL (`GATEWAY_DATABASE_URL` overrides). A password in it is
+    /// never logged or printed.
+    pub url: String,
+    /// Schema holding every table.
+    pub schema: String,
+    /// Writer connections loading batches in parallel.
+    pub writers: usize,
+    /// Rows per batch: a batch is flushed when it has this many rows...
+    pub batch_rows: usize,
+    /// ...or when its oldest row has waited this long, in milliseconds.
+    pub flush_interval_ms: u64,
+    /// `"daily"` or `"hourly"` partitions of `readings`.
+    pub partition: PartitionInterval,
+    /// Partitions created ahead of the current one.
+    pub partitions_ahead: u32,
+    /// Readings older than this many days are rejected at intake.
+    pub retention_days: u32,
+    /// Delay before retrying a failed batch, in milliseconds (doubles up to
+    /// 10 s while the database stays unreachable).
+    pub retry_min_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgresql://postgres@127.0.0.1:5432/postgres".into(),
+            schema: "edge".into(),
+            writers: 2,
+            batch_rows: 10_000,
+            flush_interval_ms: 200,
+            partition: PartitionInterval::Daily,
+            partitions_ahead: 2,
+            retention_days: 30,
+            retry_min_ms: 200,
+        }
+    }
+}
+
+/// `[pipeline]`: shards and intake checks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Shard workers; 0 means one per CPU core.
+    pub shards: usize,
+    /// Messages each shard's ring buffer holds; a full ring pauses intake.
+    pub ring_capacity: usize,
+    /// Readings timed more than this many seconds in the future are rejected.
+    pub max_future_skew_secs: u64,
+    /// On SIGTERM/SIGINT, how long draining (flush, commit, ack) may take, in
+    /// seconds; what is not acknowledged by then is redelivered by the broker.
+    pub shutdown_timeout_secs: u64,
+    /// Seconds between the periodic summary log lines (0 = none).
+    pub summary_interval_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            shards: 0,
+            ring_capacity: 4096,
+            max_future_skew_secs: 600,
+            shutdown_timeout_secs: 30,
+            summary_interval_secs: 30,
+        }
+    }
+}
+
+/// `[http]`: metrics and health endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address for `/metrics`, `/healthz`, `/readyz`
+    /// (`GATEWAY_HTTP_ADDR` overrides). Empty disables the server.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+/// A parsed `mqtt://host:port` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// A topic filter with one `+` level whose match is the device id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    pub filter: String,
+    levels: Vec<String>,
+    device_level: usize,
+}
+
+impl TopicFilter {
+    /// Parses a filter; exactly one level must be `+`, a `#` may only end it.
+    ///
+    /// # Errors
+    /// A reason text when the filter is not of that form.
+    pub fn parse(filter: &str) -> Result<TopicFilter, String> {
+        let levels: Vec<String> = filter.split('/').map(str::to_string).collect();
+        let pluses: Vec<usize> = levels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.as_str() == "+")
+            .map(|(i, _)| i)
+            .collect();
+        if pluses.len() != 1 {
+            return Err(format!(
+                "filter {filter:?} must have exactly one '+' level (the device id)"
+            ));
+        }
+        for (i, level) in levels.iter().enumerate() {
+            if level == "#" && i + 1 != levels.len() {
+                return Err(format!("filter {filter:?}: '#' may only be the last level"));
+            }
+            if level != "+" && level != "#" && (level.contains('+') || level.contains('#')) {
+                return Err(format!(
+                    "filter {filter:?}: wildcards must fill a whole level"
+                ));
+            }
+        }
+        Ok(TopicFilter {
+            filter: filter.to_string(),
+            levels,
+            device_level: pluses[0],
+        })
+    }
+
+    /// The device id if `topic` matches this filter.
+    pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let mut device = None;
+        let mut parts = topic.split('/');
+        for (i, level) in self.levels.iter().enumerate() {
+            if level == "#" {
+                return device;
+            }
+            let part = parts.next()?;
+            if i == self.device_level {
+                if part.is_empty() {
+                    return None;
+                }
+                device = Some(part);
+            } else if level != part {
+                return None;
+            }
+        }
+        match parts.next() {
+            None => device,
+            Some(_) => None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or starts from defaults when `None`), applies the
+    /// environment overrides, and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and the reason.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|key| std::env::var(key).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; unknown keys are errors.
+    ///
+    /// # Errors
+    /// The parser's message, which names the key and line.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Applies `GATEWAY_*` overrides; `get` reads a variable.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = get(ENV_MQTT_URL) {
+            self.mqtt.url = url;
+        }
+        if let Some(url) = get(ENV_DATABASE_URL) {
+            self.database.url = url;
+        }
+        if let Some(addr) = get(ENV_HTTP_ADDR) {
+            self.http.addr = addr;
+        }
+    }
+
+    /// Checks every key that has constraints beyond its type.
+    ///
+    /// # Errors
+    /// The first [`ConfigError::Invalid`] found, naming key and reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker_addr()?;
+        let m = &self.mqtt;
+        if m.client_id.is_empty() || m.client_id.len() > 64 {
+            return Err(invalid("mqtt.client_id", "must be 1 to 64 characters"));
+        }
+        if m.topics.is_empty() {
+            return Err(invalid(
+                "mqtt.topics",
+                "at least one topic filter is needed",
+            ));
+        }
+        self.topic_filters()?;
+        if m.receive_maximum == 0 {
+            return Err(invalid("mqtt.receive_maximum", "must be 1 to 65535"));
+        }
+        if m.keep_alive_secs < 5 {
+            return Err(invalid("mqtt.keep_alive_secs", "must be at least 5"));
+        }
+        if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
+            return Err(invalid(
+                "mqtt.reconnect_min_ms",
+                "must be at least 1 and at most mqtt.reconnect_max_ms",
+            ));
+        }
+        if m.max_payload_bytes < 64 || m.max_payload_bytes > 256 << 20 {
+            return Err(invalid(
+                "mqtt.max_payload_bytes",
+                "must be 64 bytes to 256 MiB",
+            ));
+        }
+        let d = &self.database;
+        if !(d.url.starts_with("postgres://")
+            || d.url.starts_with("postgresql://")
+            || d.url.contains('='))
+        {
+            return Err(invalid(
+                "database.url",
+                "expected postgresql://user@host:port/db or key=value pairs",
+            ));
+        }
+        d.url.parse::<tokio_postgres::Config>().map_err(|e| {
+            invalid(
+                "database.url",
+                format!("not a valid connection string: {e}"),
+            )
+        })?;
+        if !valid_identifier(&d.schema) {
+            return Err(invalid(
+                "database.schema",
+                "must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, at most 40 characters)",
+            ));
+        }
+        if d.writers == 0 || d.writers > 64 {
+            return Err(invalid("database.writers", "must be 1 to 64"));
+        }
+        if d.batch_rows == 0 || d.batch_rows > 1_000_000 {
+            return Err(invalid("database.batch_rows", "must be 1 to 1000000"));
+        }
+        if d.flush_interval_ms == 0 || d.flush_interval_ms > 60_000 {
+            return Err(invalid("database.flush_interval_ms", "must be 1 to 60000"));
+        }
+        if d.partitions_ahead > 366 {
+            return Err(invalid("database.partitions_ahead", "must be at most 366"));
+        }
+        if d.retention_days == 0 || d.retention_days > 36_500 {
+            return Err(invalid("database.retention_days", "must be 1 to 36500"));
+        }
+        if d.retry_min_ms == 0 || d.retry_min_ms > 10_000 {
+            return Err(invalid("database.retry_min_ms", "must be 1 to 10000"));
+        }
+        let p = &self.pipeline;
+        if p.shards > 1024 {
+            return Err(invalid(
+                "pipeline.shards",
+                "must be at most 1024 (0 = one per core)",
+            ));
+        }
+        if p.ring_capacity < 2 || p.ring_capacity > 1 << 24 {
+            return Err(invalid("pipeline.ring_capacity", "must be 2 to 16777216"));
+        }
+        if p.shutdown_timeout_secs == 0 || p.shutdown_timeout_secs > 3600 {
+            return Err(invalid(
+                "pipeline.shutdown_timeout_secs",
+                "must be 1 to 3600",
+            ));
+        }
+        if !self.http.addr.is_empty() && self.http.addr.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.addr",
+                "expected host:port, e.g. 127.0.0.1:9187, or empty",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The broker host and port from `mqtt.url`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for `mqtt.url`.
+    pub fn broker_addr(&self) -> Result<BrokerAddr, ConfigError> {
+        let url = &self.mqtt.url;
+        if url.starts_with("mqtts://") {
+            return Err(invalid(
+                "mqtt.url",
+                "mqtts:// (TLS) is not supported by this build yet",
+            ));
+        }
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| {
+                invalid(
+                    "mqtt.url",
+                    format!("expected mqtt://host:port, got {url:?}"),
+                )
+            })?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') || rest.contains('/') {
+            return Err(invalid(
+                "mqtt.url",
+                "expected mqtt://host:port with nothing else",
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (
+                host,
+                port.parse::<u16>().map_err(|_| {
+                    invalid("mqtt.url", format!("port {port:?} is not a number 1-65535"))
+                })?,
+            ),
+            None => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(invalid("mqtt.url", "host and port must not be empty"));
+        }
+        Ok(BrokerAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The parsed topic filters.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for `mqtt.topics[i]`.
+    pub fn topic_filters(&self) -> Result<Vec<TopicFilter>, ConfigError> {
+        self.mqtt
+            .topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                TopicFilter::parse(t)
+                    .map_err(|reason| invalid(&format!("mqtt.topics[{i}]"), reason))
+            })
+            .collect()
+    }
+
+    /// Shard count with `0` resolved to the number of cores.
+    pub fn shard_count(&self) -> usize {
+        match self.pipeline.shards {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// Flush interval as a duration.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.database.flush_interval_ms)
+    }
+
+    /// The effective configuration as TOML with secrets masked, for
+    /// `check-config` and logs.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = redact_url(&shown.database.url);
+        shown.mqtt.url = redact_url(&shown.mqtt.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// True for `[a-z_][a-z0-9_]*` up to 40 bytes: safe to splice into SQL.
+pub fn valid_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 40
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Masks the password in `scheme://user:password@host...` and in
+/// `password=...` key/value strings.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &rest[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        // A password may also hide in the query string.
+        return mask_password_pairs(url, '&');
+    }
+    mask_password_pairs(url, ' ')
+}
+
+fn mask_password_pairs(text: &str, sep: char) -> String {
+    text.split(sep)
+        .map(|part| {
+            let (before, kv) = match part.rfind('?') {
+                Some(q) if sep == '&' => part.split_at(q + 1),
+                _ => ("", part),
+            };
+            match kv.split_once('=') {
+                Some((k, _)) if k.trim() == "password" => format!("{before}{k}=***"),
+                _ => part.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(&sep.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[database]\nbatch_rowz = 5\n")
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("batch_rowz"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (toml, key) in [
+            ("[database]\nbatch_rows = 0", "database.batch_rows"),
+            ("[database]\nschema = \"Edge; drop\"", "database.schema"),
+            ("[mqtt]\nurl = \"http://x\"", "mqtt.url"),
+            ("[mqtt]\ntopics = [\"devices/#\"]", "mqtt.topics[0]"),
+            ("[http]\naddr = \"nope\"", "http.addr"),
+        ] {
+            let config = Config::from_toml(toml).unwrap_or_default();
+            match config.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut config = Config::from_toml("[mqtt]\nurl = \"mqtt://a:1\"").unwrap_or_default();
+        config.apply_env(|k| match k {
+            ENV_MQTT_URL => Some("mqtt://b:2".into()),
+            ENV_HTTP_ADDR => Some("127.0.0.1:1".into()),
+            _ => None,
+        });
+        assert_eq!(config.mqtt.url, "mqtt://b:2");
+        assert_eq!(config.http.addr, "127.0.0.1:1");
+        assert_eq!(
+            config.broker_addr().ok(),
+            Some(BrokerAddr {
+                host: "b".into(),
+                port: 2
+            })
+        );
+    }
+
+    #[test]
+    fn topic_filters_extract_devices() {
+        let f = TopicFilter::parse("devices/+/telemetry").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.device_of("devices/d1/telemetry"), Some("d1"));
+        assert_eq!(f.device_of("devices//telemetry"), None);
+        assert_eq!(f.device_of("devices/d1/other"), None);
+        assert_eq!(f.device_of("devices/d1/telemetry/x"), None);
+        let g = TopicFilter::parse("site/+/#").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(g.device_of("site/d2/a/b"), Some("d2"));
+        assert!(TopicFilter::parse("a/+/+").is_err());
+        assert!(TopicFilter::parse("a/#/b/+").is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(
+            redact_url("postgresql://gw:s3cret@db:5432/x"),
+            "postgresql://gw:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgresql://gw@db/x?password=s3cret&a=b"),
+            "postgresql://gw@db/x?password=***&a=b"
+        );
+        assert_eq!(
+            redact_url("host=db password=s3cret user=gw"),
+            "host=db password=*** user=gw"
+        );
+        let mut config = Config::default();
+        config.database.url = "postgresql://gw:s3cret@db:5432/x".into();
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Shard worker: drains one ring, decodes and checks each message, and
+//! appends its rows (or its dead letter) to the current batch, flushing the
+//! batch to the writers when it is full or when its oldest row has waited
+//! `flush_interval` (so progress never depends on more input arriving: a
+//! broker with a small in-flight window still sees its messages acked).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::Shard;
+use crate::decode::decode;
+use crate::model::{Message, Micros, MICROS_PER_SEC};
+use crate::sink::partitions::Partitions;
+use crate::sink::{Batch, SealedBatch};
+use crate::telemetry::Metrics;
+
+/// Intake limits and batching for one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub batch_rows: usize,
+    pub flush_interval: Duration,
+    pub max_payload_bytes: usize,
+    /// Readings later than receive time + this are rejected.
+    pub max_future: Micros,
+    /// Readings earlier than receive time - this are rejected.
+    pub max_past: Micros,
+}
+
+impl WorkerConfig {
+    pub fn from_config(config: &crate::config::Config) -> WorkerConfig {
+        WorkerConfig {
+            batch_rows: config.database.batch_rows,
+            flush_interval: config.flush_interval(),
+            max_payload_bytes: config.mqtt.max_payload_bytes,
+            max_future: config.pipeline.max_future_skew_secs as i64 * MICROS_PER_SEC,
+            max_past: i64::from(config.database.retention_days) * crate::model::MICROS_PER_DAY,
+        }
+    }
+}
+
+/// One shard's worker.
+pub struct Worker {
+    shard: Arc<Shard>,
+    config: WorkerConfig,
+    partitions: Arc<Partitions>,
+    metrics: Arc<Metrics>,
+    out: mpsc::Sender<SealedBatch>,
+    batch: Batch,
+    deadline: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(
+        shard: Arc<Shard>,
+        config: WorkerConfig,
+        partitions: Arc<Partitions>,
+        metrics: Arc<Metrics>,
+        out: mpsc::Sender<SealedBatch>,
+    ) -> Worker {
+        let batch = Batch::new(config.batch_rows);
+        Worker {
+            shard,
+            config,
+            partitions,
+            metrics,
+            out,
+            batch,
+            deadline: None,
+        }
+    }
+
+    /// Runs until the shard is closed and drained; the last batch is flushed.
+    pub async fn run(mut self) {
+        loop {
+            let mut handled = 0usize;
+            while let Some(message) = self.shard.pop() {
+                self.handle(message);
+                if self.batch.rows() >= self.config.batch_rows && !self.flush().await {
+                    return;
+                }
+                handled += 1;
+                if handled % 1024 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            if self.shard.is_closed() && self.shard.is_empty() {
+                self.flush().await;
+                return;
+            }
+            match self.deadline {
+                Some(deadline) => {
+                    tokio::select! {
+                        _ = self.shard.wait() => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                    if Instant::now() >= deadline && !self.flush().await {
+                        return;
+                    }
+                }
+                None => self.shard.wait().await,
+            }
+        }
+    }
+
+    /// Sends the current batch to the writers. False when they are gone.
+    async fn flush(&mut self) -> bool {
+        self.deadline = None;
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch = std::mem::replace(&mut self.batch, Batch::new(self.config.batch_rows));
+        self.out.send(batch.seal()).await.is_ok()
+    }
+
+    /// Decodes one message and adds its rows or its dead letter to the batch.
+    pub fn handle(&mut self, message: Message) {
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.config.flush_interval);
+        }
+        match self.check(&message) {
+            Ok(decoded) => {
+                let device = message.device.as_deref().unwrap_or("");
+                self.metrics
+                    .readings_decoded
+                    .fetch_add(decoded.readings.len() as u64, Relaxed);
+                self.batch
+                    .push_readings(device, &decoded.readings, &self.partitions);
+            }
+            Err((reason, error)) => {
+                self.metrics.dead_letter(reason);
+                self.batch.push_dead_letter(
+                    message.received,
+                    &message.topic,
+                    message.device.as_deref(),
+                    &message.payload,
+                    reason,
+                    &error,
+                );
+            }
+        }
+        self.batch.add_message(message.id, message.received);
+    }
+
+    fn check(&self, message: &Message) -> Result<crate::model::Decoded, (&'static str, String)> {
+        if message.device.is_none() {
+            return Err((
+                "unknown_topic",
+                format!("topic {:?} matches no configured filter", message.topic),
+            ));
+        }
+        if message.payload.len() > self.config.max_payload_bytes {
+            return Err((
+                "payload_too_large",
+                format!(
+                    "{} bytes, limit {}",
+                    message.payload.len(),
+                    self.config.max_payload_bytes
+                ),
+            ));
+        }
+        let decoded = decode(
+            &message.payload,
+            message.content_type.as_deref(),
+            message.received,
+        )
+        .map_err(|e| (e.reason(), e.to_string()))?;
+        let earliest = message.received - self.config.max_past;
+        let latest = message.received + self.config.max_future;
+        if let Some(r) = decoded
+            .readings
+            .iter()
+            .find(|r| r.time < earliest || r.time > latest)
+        {
+            return Err((
+                "time_skew",
+                format!(
+                    "reading {:?} at {} is outside [{}, {}]",
+                    r.metric,
+                    crate::model::format_rfc3339(r.time),
+                    crate::model::format_rfc3339(earliest),
+                    crate::model::format_rfc3339(latest)
+                ),
+            ));
+        }
+        Ok(decoded)
+    }
+}

@@ -1,0 +1,84 @@
+//! The PostgreSQL schema: created by `migrate` and on every start
+//! (idempotent), under an advisory lock so several gateways may start at once.
+//!
+//! Constraints from the scaling plan (DESIGN.md): every unique index on a
+//! device table includes `device_id` (Citus distributes by it), and new
+//! partitions are created on the parent table only.
+
+use tokio_postgres::Client;
+
+/// Advisory lock key serialising DDL across gateway instances.
+pub const DDL_LOCK: i64 = 0x6564_6765_6777; // "edgegw"
+
+/// The DDL for `schema`. The name must already be a validated identifier.
+pub fn ddl(schema: &str) -> String {
+    format!(
+        r#"
+CREATE SCHEMA IF NOT EXISTS {s};
+
+CREATE TABLE IF NOT EXISTS {s}.readings (
+    time      timestamptz      NOT NULL,
+    device_id text             NOT NULL,
+    metric    text             NOT NULL,
+    value     double precision,
+    unit      text,
+    vs        text,
+    vb        boolean,
+    vd        bytea,
+    sum       double precision
+) PARTITION BY RANGE (time);
+COMMENT ON TABLE {s}.readings IS 'Every reading, range-partitioned by time. value is NULL for SenML string (vs), boolean (vb), data (vd) and sum-only records.';
+CREATE INDEX IF NOT EXISTS readings_device_time_idx ON {s}.readings (device_id, time);
+
+CREATE TABLE IF NOT EXISTS {s}.alerts (
+    time      timestamptz      NOT NULL,
+    device_id text             NOT NULL,
+    metric    text             NOT NULL,
+    rule      text             NOT NULL,
+    state     text             NOT NULL,
+    value     double precision,
+    detail    jsonb
+);
+CREATE INDEX IF NOT EXISTS alerts_device_time_idx ON {s}.alerts (device_id, time);
+
+CREATE TABLE IF NOT EXISTS {s}.rollups_1m (
+    bucket    timestamptz      NOT NULL,
+    device_id text             NOT NULL,
+    metric    text             NOT NULL,
+    count     bigint           NOT NULL,
+    min       double precision,
+    max       double precision,
+    avg       double precision,
+    PRIMARY KEY (device_id, metric, bucket)
+);
+
+CREATE TABLE IF NOT EXISTS {s}.dead_letters (
+    received_at timestamptz NOT NULL,
+    topic       text        NOT NULL,
+    device_id   text,
+    payload     bytea       NOT NULL,
+    reason      text        NOT NULL,
+    error       text        NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS {s}.device_watermarks (
+    device_id  text        NOT NULL PRIMARY KEY,
+    seq        bigint      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"#,
+        s = schema
+    )
+}
+
+/// Creates the schema and tables if missing.
+///
+/// # Errors
+/// Any database error.
+pub async fn create(client: &mut Client, schema: &str) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_LOCK])
+        .await?;
+    tx.batch_execute(&ddl(schema)).await?;
+    tx.commit().await
+}

@@ -1,0 +1,166 @@
+//! Source stage: the MQTT subscription (rumqttc), QoS 1 with a persistent
+//! session and manual acks, reconnecting with backoff.
+//!
+//! Two tasks: a *driver* polls rumqttc's event loop and turns its events
+//! into [`SourceEvent`]s (one per protocol version, in [`mqtt`]); the
+//! *intake* task registers each PUBLISH in the [`AckLedger`], routes it to
+//! its shard (waiting while the ring is full, which stops the driver and so
+//! stops reading from the broker), and releases PUBACKs in receive order as
+//! the writers report commits.
+//!
+//! On shutdown intake stops first: later PUBLISHes are neither queued nor
+//! acknowledged, so the broker redelivers them to the next session; the
+//! intake task keeps acknowledging what the drained pipeline commits, then
+//! disconnects.
+
+pub mod mqtt;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, TopicFilter};
+use crate::model::{now_micros, Message};
+use crate::shard::Router;
+use crate::sink::ledger::{AckLedger, PendingAck};
+use crate::telemetry::Metrics;
+pub use mqtt::MqttClient;
+
+/// What the driver reports.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// CONNACK received; `session_present` tells whether the broker kept state.
+    Connected { session_present: bool },
+    /// SUBACK for our subscription request.
+    Subscribed { granted: bool },
+    Publish {
+        topic: Arc<str>,
+        payload: bytes::Bytes,
+        /// `None` for QoS 0 (nothing to acknowledge).
+        ack: Option<PendingAck>,
+        content_type: Option<Arc<str>>,
+    },
+    /// The connection failed; the driver reconnects by itself.
+    Disconnected { error: String },
+}
+
+/// Runs intake until `shutdown`, then drains acknowledgements until the
+/// writers have reported every commit (`done` closes).
+pub async fn run_intake(
+    config: &Config,
+    client: MqttClient,
+    mut events: mpsc::Receiver<SourceEvent>,
+    router: Arc<Router>,
+    mut done: mpsc::UnboundedReceiver<Vec<u64>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let filters: Vec<TopicFilter> = config.topic_filters().unwrap_or_default();
+    let mut ledger = AckLedger::new();
+    let mut awaiting_subacks = 0usize;
+    let mut stop_intake = false;
+    loop {
+        tokio::select! {
+            biased;
+            ids = done.recv() => {
+                let Some(ids) = ids else { break };
+                for id in ids {
+                    ledger.complete(id);
+                }
+                release(&mut ledger, &client, &metrics);
+            }
+            _ = shutdown.cancelled(), if !stop_intake => {
+                stop_intake = true;
+                tracing::info!(pending = ledger.pending(), "intake stopped; draining");
+                router.close();
+            }
+            event = events.recv() => {
+                let Some(event) = event else {
+                    if !stop_intake {
+                        stop_intake = true;
+                        router.close();
+                    }
+                    continue;
+                };
+                match event {
+                    SourceEvent::Connected { session_present } => {
+                        metrics.mqtt_connected.store(true, Relaxed);
+                        ledger.reset();
+                        if stop_intake {
+                            continue;
+                        }
+                        awaiting_subacks = filters.len();
+                        for filter in &filters {
+                            if let Err(e) = client.subscribe(&filter.filter).await {
+                                tracing::warn!(error = %e, filter = %filter.filter, "subscribe request failed");
+                            }
+                        }
+                        tracing::info!(session_present, "connected to broker");
+                    }
+                    SourceEvent::Subscribed { granted } => {
+                        if !granted {
+                            tracing::error!("broker refused a subscription");
+                        }
+                        awaiting_subacks = awaiting_subacks.saturating_sub(1);
+                        if awaiting_subacks == 0 && granted {
+                            metrics.mqtt_subscribed.store(true, Relaxed);
+                            tracing::info!(filters = filters.len(), "subscribed");
+                        }
+                    }
+                    SourceEvent::Publish { topic, payload, ack, content_type } => {
+                        if stop_intake {
+                            // Not registered, not acknowledged: redelivered later.
+                            continue;
+                        }
+                        metrics.messages_received.fetch_add(1, Relaxed);
+                        let id = ledger.register(ack);
+                        let device = filters.iter().find_map(|f| f.device_of(&topic)).map(Arc::from);
+                        let message = Message {
+                            id,
+                            device,
+                            topic,
+                            payload,
+                            received: now_micros(),
+                            content_type,
+                        };
+                        router.push(message, &metrics).await;
+                    }
+                    SourceEvent::Disconnected { error } => {
+                        if metrics.mqtt_connected.swap(false, Relaxed) {
+                            metrics.mqtt_reconnects.fetch_add(1, Relaxed);
+                            tracing::warn!(%error, "broker connection lost; reconnecting");
+                        }
+                        metrics.mqtt_subscribed.store(false, Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    release(&mut ledger, &client, &metrics);
+    client.disconnect().await;
+    // Let the driver write the last acks and the DISCONNECT.
+    let drain = async {
+        while let Some(event) = events.recv().await {
+            if matches!(event, SourceEvent::Disconnected { .. }) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+fn release(ledger: &mut AckLedger, client: &MqttClient, metrics: &Metrics) {
+    for ack in ledger.release() {
+        match client.ack(ack) {
+            Ok(()) => {
+                metrics.acks_sent.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not queue PUBACK; the broker will redeliver")
+            }
+        }
+    }
+}

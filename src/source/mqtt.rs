@@ -1,0 +1,301 @@
+//! rumqttc glue for MQTT 3.1.1 and MQTT 5: options, the event-loop driver
+//! and a client handle, behind one interface.
+//!
+//! Both use a stable client id, a persistent session (clean session/start
+//! off; MQTT 5 adds a session expiry), manual acks and reconnect with
+//! exponential backoff. MQTT 5 also announces `receive_maximum`, which bounds
+//! how many unacknowledged messages the broker sends us: acks wait for the
+//! commit, so this window must hold at least a few batches' worth.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::{Packet as Packet4, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::SourceEvent;
+use crate::config::{Config, Protocol};
+use crate::sink::ledger::PendingAck;
+
+/// Errors of the client handle.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("mqtt client request failed: {0}")]
+    Client(String),
+}
+
+fn client_error(e: impl std::fmt::Display) -> MqttError {
+    MqttError::Client(e.to_string())
+}
+
+/// A protocol-independent handle for subscribe, ack and disconnect.
+#[derive(Clone)]
+pub enum MqttClient {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl MqttClient {
+    /// Requests a QoS 1 subscription to `filter`.
+    ///
+    /// # Errors
+    /// When the request cannot be queued (the driver is gone).
+    pub async fn subscribe(&self, filter: &str) -> Result<(), MqttError> {
+        match self {
+            MqttClient::V4(c) => c
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .map_err(client_error),
+            MqttClient::V5(c) => c
+                .subscribe(filter, QoS5::AtLeastOnce)
+                .await
+                .map_err(client_error),
+        }
+    }
+
+    /// Queues a PUBACK. Never waits: the request channel is sized above the
+    /// receive window, so it cannot be full of acks.
+    ///
+    /// # Errors
+    /// When the request cannot be queued.
+    pub fn ack(&self, ack: PendingAck) -> Result<(), MqttError> {
+        match self {
+            MqttClient::V4(c) => {
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+                publish.pkid = ack.pkid;
+                c.try_ack(&publish).map_err(client_error)
+            }
+            MqttClient::V5(c) => {
+                let mut publish = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    QoS5::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                publish.pkid = ack.pkid;
+                c.try_ack(&publish).map_err(client_error)
+            }
+        }
+    }
+
+    /// Sends DISCONNECT after everything queued before it.
+    pub async fn disconnect(&self) {
+        let _ = match self {
+            MqttClient::V4(c) => c.disconnect().await.map_err(client_error),
+            MqttClient::V5(c) => c.disconnect().await.map_err(client_error),
+        };
+    }
+}
+
+/// Creates the client and spawns the driver task, which feeds `events`.
+///
+/// # Errors
+/// When `mqtt.url` is invalid.
+pub fn start(
+    config: &Config,
+    events: mpsc::Sender<SourceEvent>,
+    stop: CancellationToken,
+) -> Result<MqttClient, MqttError> {
+    let addr = config.broker_addr()?;
+    let m = &config.mqtt;
+    let backoff = Backoff::new(
+        Duration::from_millis(m.reconnect_min_ms),
+        Duration::from_millis(m.reconnect_max_ms),
+    );
+    // Room for every ack of a full receive window, plus subscribes.
+    let capacity = usize::from(m.receive_maximum) + 64;
+    match m.protocol {
+        Protocol::V311 => {
+            let mut options = rumqttc::MqttOptions::new(&m.client_id, &addr.host, addr.port);
+            options
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                .set_max_packet_size(m.max_payload_bytes + 1024, 64 * 1024)
+                .set_request_channel_capacity(capacity);
+            let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            tokio::spawn(drive_v4(eventloop, events, backoff, stop));
+            Ok(MqttClient::V4(client))
+        }
+        Protocol::V5 => {
+            let mut options = rumqttc::v5::MqttOptions::new(&m.client_id, &addr.host, addr.port);
+            options
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(m.session_expiry_secs))
+                .set_receive_maximum(Some(m.receive_maximum))
+                .set_manual_acks(true)
+                .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                .set_max_packet_size(Some((m.max_payload_bytes + 1024) as u32))
+                .set_request_channel_capacity(capacity);
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
+            tokio::spawn(drive_v5(eventloop, events, backoff, stop));
+            Ok(MqttClient::V5(client))
+        }
+    }
+}
+
+/// Exponential reconnect delay.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+    fn step(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+}
+
+/// Polls a v3.1.1 event loop until `stop` or until the intake side is gone.
+async fn drive_v4(
+    mut eventloop: rumqttc::EventLoop,
+    events: mpsc::Sender<SourceEvent>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(packet)) => match packet {
+                Packet4::ConnAck(ack) => {
+                    backoff.reset();
+                    Some(SourceEvent::Connected {
+                        session_present: ack.session_present,
+                    })
+                }
+                Packet4::SubAck(ack) => Some(SourceEvent::Subscribed {
+                    granted: ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                }),
+                Packet4::Publish(p) => Some(SourceEvent::Publish {
+                    topic: Arc::from(p.topic.as_str()),
+                    ack: (p.qos != QoS::AtMostOnce).then_some(PendingAck { pkid: p.pkid }),
+                    payload: p.payload,
+                    content_type: None,
+                }),
+                _ => None,
+            },
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = events
+                    .send(SourceEvent::Disconnected {
+                        error: "disconnected".into(),
+                    })
+                    .await;
+                return;
+            }
+            Ok(_) => None,
+            Err(e) => {
+                if events
+                    .send(SourceEvent::Disconnected {
+                        error: e.to_string(),
+                    })
+                    .await
+                    .is_err()
+                    || stop.is_cancelled()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                    _ = stop.cancelled() => return,
+                }
+                None
+            }
+        };
+        if let Some(event) = event {
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Polls an MQTT 5 event loop until `stop` or until the intake side is gone.
+async fn drive_v5(
+    mut eventloop: rumqttc::v5::EventLoop,
+    events: mpsc::Sender<SourceEvent>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(rumqttc::v5::Event::Incoming(packet)) => match packet {
+                Packet5::ConnAck(ack) => {
+                    backoff.reset();
+                    Some(SourceEvent::Connected {
+                        session_present: ack.session_present,
+                    })
+                }
+                Packet5::SubAck(ack) => Some(SourceEvent::Subscribed {
+                    granted: ack.return_codes.iter().all(|c| {
+                        matches!(
+                            c,
+                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                        )
+                    }),
+                }),
+                Packet5::Publish(p) => Some(SourceEvent::Publish {
+                    topic: Arc::from(String::from_utf8_lossy(&p.topic).as_ref()),
+                    ack: (p.qos != QoS5::AtMostOnce).then_some(PendingAck { pkid: p.pkid }),
+                    content_type: p
+                        .properties
+                        .as_ref()
+                        .and_then(|props| props.content_type.as_deref())
+                        .map(Arc::from),
+                    payload: p.payload,
+                }),
+                _ => None,
+            },
+            Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = events
+                    .send(SourceEvent::Disconnected {
+                        error: "disconnected".into(),
+                    })
+                    .await;
+                return;
+            }
+            Ok(_) => None,
+            Err(e) => {
+                if events
+                    .send(SourceEvent::Disconnected {
+                        error: e.to_string(),
+                    })
+                    .await
+                    .is_err()
+                    || stop.is_cancelled()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                    _ = stop.cancelled() => return,
+                }
+                None
+            }
+        };
+        if let Some(event) = event {
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Counters and gauges shared by all stages: relaxed atomics, one increment
+//! per batch or message (never a log line per message), rendered in the
+//! Prometheus text format on demand. Every family is named `edge_gateway_*`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Reasons a message becomes a dead letter; the label values of
+/// `edge_gateway_dead_letters_total`.
+pub const DEAD_LETTER_REASONS: [&str; 11] = [
+    "empty",
+    "unknown_shape",
+    "malformed_json",
+    "malformed_cbor",
+    "invalid_senml",
+    "invalid_native",
+    "not_finite",
+    "time_out_of_range",
+    "time_skew",
+    "payload_too_large",
+    "unknown_topic",
+];
+
+/// Upper bounds (seconds) of latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe_micros(&self, micros: u64) {
+        let secs = micros as f64 / 1e6;
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// All gateway metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_received: AtomicU64,
+    pub readings_decoded: AtomicU64,
+    pub messages_committed: AtomicU64,
+    pub readings_committed: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub batch_failures: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub intake_paused: AtomicU64,
+    pub partitions_created: AtomicU64,
+    pub mqtt_reconnects: AtomicU64,
+    dead_letters: [AtomicU64; DEAD_LETTER_REASONS.len()],
+    pub mqtt_connected: AtomicBool,
+    pub mqtt_subscribed: AtomicBool,
+    pub db_connected: AtomicBool,
+    pub copy_latency: Histogram,
+    pub receive_to_commit_latency: Histogram,
+    ring_occupancy: Mutex<Vec<usize>>,
+}
+
+impl Metrics {
+    /// Counts one dead letter for `reason` (one of [`DEAD_LETTER_REASONS`]).
+    pub fn dead_letter(&self, reason: &str) {
+        if let Some(i) = DEAD_LETTER_REASONS.iter().position(|r| *r == reason) {
+            self.dead_letters[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Dead letters counted so far, all reasons.
+    pub fn dead_letters_total(&self) -> u64 {
+        self.dead_letters.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Records the ring occupancy of every shard (called by the router).
+    pub fn set_ring_occupancy(&self, occupancy: Vec<usize>) {
+        *self
+            .ring_occupancy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = occupancy;
+    }
+
+    /// True when the broker subscription is up and the database reachable.
+    pub fn ready(&self) -> bool {
+        self.mqtt_subscribed.load(Relaxed) && self.db_connected.load(Relaxed)
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: bool| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                u8::from(v)
+            );
+        };
+        counter(
+            &mut out,
+            "edge_gateway_messages_received_total",
+            "MQTT messages received.",
+            self.messages_received.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_readings_decoded_total",
+            "Readings decoded from payloads.",
+            self.readings_decoded.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_messages_committed_total",
+            "Messages whose rows are committed to PostgreSQL.",
+            self.messages_committed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_readings_committed_total",
+            "Readings committed to PostgreSQL.",
+            self.readings_committed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_batches_committed_total",
+            "COPY batches committed.",
+            self.batches_committed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_batch_failures_total",
+            "Batch attempts that failed and were retried.",
+            self.batch_failures.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_acks_sent_total",
+            "PUBACKs released to the broker.",
+            self.acks_sent.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_intake_paused_total",
+            "Times intake paused on a full ring.",
+            self.intake_paused.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_partitions_created_total",
+            "Partitions created.",
+            self.partitions_created.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_mqtt_reconnects_total",
+            "Broker connection losses.",
+            self.mqtt_reconnects.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP edge_gateway_dead_letters_total Messages written to dead_letters, by reason.\n# TYPE edge_gateway_dead_letters_total counter");
+        for (i, reason) in DEAD_LETTER_REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "edge_gateway_dead_letters_total{{reason=\"{reason}\"}} {}",
+                self.dead_letters[i].load(Relaxed)
+            );
+        }
+        gauge(
+            &mut out,
+            "edge_gateway_mqtt_connected",
+            "1 while connected to the broker.",
+            self.mqtt_connected.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_mqtt_subscribed",
+            "1 once the topic subscriptions are acknowledged.",
+            self.mqtt_subscribed.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_db_connected",
+            "1 while the last database operation succeeded.",
+            self.db_connected.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP edge_gateway_ring_occupancy Messages waiting in each shard ring.\n# TYPE edge_gateway_ring_occupancy gauge");
+        for (shard, n) in self
+            .ring_occupancy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(out, "edge_gateway_ring_occupancy{{shard=\"{shard}\"}} {n}");
+        }
+        self.copy_latency.render(
+            &mut out,
+            "edge_gateway_copy_seconds",
+            "Time to COPY and commit one batch.",
+        );
+        self.receive_to_commit_latency.render(
+            &mut out,
+            "edge_gateway_receive_to_commit_seconds",
+            "Time from receiving a message to committing its rows (oldest message of a batch).",
+        );
+        out
+    }
+}
