@@ -1,0 +1,293 @@
+//! Shared helpers for the black-box tests: the real `edge-gateway` binary
+//! as a subprocess, configured by a file like an operator would, against a
+//! throwaway PostgreSQL and a real broker started by the project itself.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edge_gateway::local::free_port;
+use firmware_sim::{ExpectedReading, SimConfig};
+use tokio_postgres::Client;
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Option<Child>,
+    pub http_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Writes a config file (`extra` is appended TOML) and starts the
+    /// gateway; returns once `/readyz` answers 200.
+    pub fn start(mqtt_url: &str, database_url: &str, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir for the gateway");
+        let http_port = free_port().expect("free port");
+        let config = format!(
+            "[mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"gw-{http_port}\"\n{}\n[database]\nurl = \"{database_url}\"\nflush_interval_ms = 50\n{}\n[http]\naddr = \"127.0.0.1:{http_port}\"\n",
+            section(extra, "mqtt"),
+            section(extra, "database"),
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).expect("write gateway.toml");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("gateway log");
+        let child = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .env_remove(edge_gateway::config::ENV_MQTT_URL)
+            .env_remove(edge_gateway::config::ENV_DATABASE_URL)
+            .env_remove(edge_gateway::config::ENV_HTTP_ADDR)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn edge-gateway");
+        let mut gw = Gateway {
+            child: Some(child),
+            http_port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(http_port, "/readyz").map(|(s, _)| s) != Some(200) {
+            if Instant::now() > deadline || gw.exited() {
+                panic!("gateway not ready within 60 s; log:\n{}", gw.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// One counter or gauge value from `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns its success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The lines of `extra` under `[name]` (extra is a small TOML fragment of
+/// `[mqtt]`/`[database]`/`[pipeline]` tables merged into the test config).
+fn section(extra: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == format!("[{name}]");
+            continue;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if name == "database" {
+        // Other tables ride after [database] so they stay valid TOML.
+        let mut rest = String::new();
+        let mut current = String::new();
+        for line in extra.lines() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                current = t.to_string();
+                if !matches!(t, "[mqtt]" | "[database]" | "[http]") {
+                    rest.push_str(line);
+                    rest.push('\n');
+                }
+                continue;
+            }
+            if !matches!(current.as_str(), "[mqtt]" | "[database]" | "[http]" | "") {
+                rest.push_str(line);
+                rest.push('\n');
+            }
+        }
+        out.push_str(&rest);
+    }
+    out
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Connects to PostgreSQL.
+pub async fn db(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(conn);
+    client
+}
+
+/// Polls `sql` (a single bigint) until it reaches `want` or `timeout` passes;
+/// returns the last value.
+pub async fn wait_for_count(client: &Client, sql: &str, want: i64, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n: i64 = client
+            .query_one(sql, &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(-1);
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks that the readings of devices starting with `prefix` are exactly
+/// `expected`: each once, with the right device, metric, time and value.
+pub async fn assert_exactly(client: &Client, prefix: &str, expected: &[ExpectedReading]) {
+    let rows = client
+        .query(
+            "SELECT device_id, metric, (extract(epoch from time) * 1000000)::bigint, value \
+             FROM edge.readings WHERE starts_with(device_id, $1)",
+            &[&prefix],
+        )
+        .await
+        .expect("query readings");
+    let mut stored: HashMap<(String, String, i64), Vec<Option<f64>>> = HashMap::new();
+    for row in &rows {
+        stored
+            .entry((row.get(0), row.get(1), row.get(2)))
+            .or_default()
+            .push(row.get(3));
+    }
+    let mut missing = 0;
+    let mut wrong = Vec::new();
+    for e in expected {
+        match stored.remove(&(e.device.clone(), e.metric.clone(), e.ts_ms * 1000)) {
+            None => missing += 1,
+            Some(values) if values != vec![Some(e.value)] => wrong.push((e.clone(), values)),
+            Some(_) => {}
+        }
+    }
+    assert_eq!(
+        missing,
+        0,
+        "{prefix}: {missing} of {} readings missing",
+        expected.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{prefix}: {} readings duplicated or with wrong values, e.g. {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+    assert!(
+        stored.is_empty(),
+        "{prefix}: {} unexpected rows, e.g. {:?}",
+        stored.len(),
+        stored.iter().next()
+    );
+    assert_eq!(rows.len(), expected.len());
+}
+
+/// A simulator config for `devices` x `count` samples of 2 metrics.
+pub fn sim(
+    broker: &str,
+    format: edge_payload::Format,
+    devices: usize,
+    count: u64,
+    start_ms: i64,
+) -> SimConfig {
+    SimConfig {
+        broker: broker.to_string(),
+        devices,
+        rate: 0.0,
+        count: Some(count),
+        format,
+        qos: 1,
+        seed: 7,
+        metrics: 2,
+        pack: 1,
+        start_ms: Some(start_ms),
+        step_ms: Some(1000),
+        device_prefix: format!("{}-", format.name()),
+        client_id: format!("sim-{}-{}", format.name(), start_ms),
+        ..SimConfig::default()
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    edge_gateway::model::now_micros() / 1000
+}
+
+/// Path of a binary the tests need, or a panic saying what to install.
+pub fn require_binary(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found: install it (Debian: apt-get install {package})")
+        })
+}
