@@ -580,6 +580,24 @@ mod tests {
         assert!(Config::default().validate().is_ok());
     }
 
+    /// The shipped file documents every key, with the default value.
+    #[test]
+    fn shipped_file_is_the_defaults_and_lists_every_key() {
+        let shipped = include_str!("../config/gateway.toml");
+        assert_eq!(Config::from_toml(shipped), Ok(Config::default()));
+        let defaults: toml::Table =
+            toml::from_str(&Config::default().to_redacted_toml()).unwrap_or_default();
+        let file: toml::Table = toml::from_str(shipped).unwrap_or_default();
+        for (section, keys) in &defaults {
+            for key in keys.as_table().into_iter().flat_map(|t| t.keys()) {
+                assert!(
+                    file.get(section).and_then(|s| s.get(key)).is_some(),
+                    "config/gateway.toml lacks {section}.{key}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[database]\nbatch_rowz = 5\n")

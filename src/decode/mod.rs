@@ -193,6 +193,67 @@ mod tests {
         );
     }
 
+    use crate::model::{Reading, Value};
+    use edge_payload::{Format, Sample};
+    use proptest::prelude::*;
+
+    fn samples() -> impl Strategy<Value = Vec<Sample>> {
+        let metric = "[a-z][a-z0-9_]{0,11}";
+        let sample = (
+            1_500_000_000_000i64..2_000_000_000_000,
+            prop::collection::vec((metric, -1e12f64..1e12), 1..4),
+        );
+        prop::collection::vec(sample, 1..6).prop_map(|mut v| {
+            // Packs carry times relative to the first sample.
+            v.sort_by_key(|s| s.0);
+            v.into_iter()
+                .map(|(ts_ms, metrics)| Sample { ts_ms, metrics })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Whatever the simulator encodes, in any of the four formats, the
+        /// gateway decodes back to the same readings.
+        #[test]
+        fn every_format_round_trips(samples in samples(), seq in 0u64..u64::MAX) {
+            for format in Format::ALL {
+                let payload = edge_payload::encode(format, seq, &samples, &|_| None);
+                let decoded = decode(&payload, None, 0);
+                let want: Vec<Reading> = samples
+                    .iter()
+                    .flat_map(|s| s.metrics.iter().map(move |(m, v)| Reading {
+                        time: s.ts_ms * 1000,
+                        metric: m.clone(),
+                        value: Value::Number(*v),
+                        unit: None,
+                        sum: None,
+                    }))
+                    .collect();
+                let got = decoded.map(|d| (d.readings, d.seq));
+                let want_seq = matches!(format, Format::NativeCbor | Format::NativeJson).then_some(seq);
+                prop_assert_eq!(got, Ok((want, want_seq)), "{}", format);
+            }
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes, None, 0);
+        }
+
+        /// Truncating a valid payload anywhere gives an error, not a panic
+        /// and not a silently shorter pack.
+        #[test]
+        fn truncated_payloads_are_errors(samples in samples(), cut in 0.0f64..1.0) {
+            for format in Format::ALL {
+                let payload = edge_payload::encode(format, 1, &samples, &|_| None);
+                let at = ((payload.len() as f64) * cut) as usize;
+                prop_assert!(decode(&payload[..at], None, 0).is_err(), "{} cut at {}", format, at);
+            }
+        }
+    }
+
     #[test]
     fn content_type_overrides_sniffing() {
         // 0x5b is '[' in ASCII but a CBOR byte string header: the content

@@ -1,0 +1,145 @@
+//! The command line as an operator meets it: check-config, bad config, migrate.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use edge_gateway::local::postgres::LocalPostgres;
+
+fn gateway(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-gateway"));
+    cmd.args(args)
+        .env_remove("GATEWAY_MQTT_URL")
+        .env_remove("GATEWAY_DATABASE_URL")
+        .env_remove("GATEWAY_HTTP_ADDR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run edge-gateway")
+}
+
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).expect("write config");
+    let path = path.display().to_string();
+    (dir, path)
+}
+
+#[test]
+fn check_config_prints_effective_config_without_secrets() {
+    let (_dir, path) = config_file(
+        "[database]\nurl = \"postgresql://gw:file-secret@db:5432/x\"\nbatch_rows = 5000\n",
+    );
+    let out = gateway(
+        &["check-config", "--config", &path],
+        &[
+            ("GATEWAY_MQTT_URL", "mqtt://broker.example:1884"),
+            ("GATEWAY_HTTP_ADDR", "127.0.0.1:9999"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("batch_rows = 5000"), "{text}");
+    assert!(
+        text.contains("mqtt://broker.example:1884"),
+        "env override not applied: {text}"
+    );
+    assert!(text.contains("127.0.0.1:9999"), "{text}");
+    assert!(text.contains("postgresql://gw:***@db:5432/x"), "{text}");
+    assert!(!text.contains("file-secret"), "{text}");
+
+    let out = gateway(
+        &["check-config", "--config", &path],
+        &[("GATEWAY_DATABASE_URL", "postgresql://gw:env-secret@db2/y")],
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert!(all.contains("db2") && !all.contains("env-secret"), "{all}");
+}
+
+#[test]
+fn bad_config_names_the_key_and_the_reason() {
+    for (text, needles) in [
+        ("[database]\nbatch_rowz = 1\n", &["batch_rowz"][..]),
+        (
+            "[database]\nwriters = 0\n",
+            &["database.writers", "1 to 64"],
+        ),
+        (
+            "[mqtt]\ntopics = [\"devices/#\"]\n",
+            &["mqtt.topics[0]", "'+'"],
+        ),
+        ("[mqtt]\nurl = \"http://x\"\n", &["mqtt.url", "mqtt://"]),
+        (
+            "[database]\npartition = \"weekly\"\n",
+            &["partition", "weekly"],
+        ),
+    ] {
+        let (_dir, path) = config_file(text);
+        let out = gateway(&["check-config", "--config", &path], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text} accepted");
+        for needle in needles {
+            assert!(err.contains(needle), "{text}: {needle:?} not in {err}");
+        }
+    }
+    let out = gateway(
+        &["check-config", "--config", "/nonexistent/gateway.toml"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.toml"));
+}
+
+#[test]
+fn migrate_creates_schema_and_partitions() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let (_dir, path) = config_file("[database]\npartitions_ahead = 3\n");
+    for _ in 0..2 {
+        // Idempotent: a second run changes nothing and succeeds.
+        let out = gateway(
+            &["migrate", "--config", &path],
+            &[("GATEWAY_DATABASE_URL", &pg.url())],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = common::db(&pg.url()).await;
+        let tables: Vec<String> = client
+            .query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'edge' ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for t in ["alerts", "dead_letters", "device_watermarks", "rollups_1m"] {
+            assert!(
+                tables.contains(&t.to_string()),
+                "{t} missing from {tables:?}"
+            );
+        }
+        // Yesterday, today and three ahead.
+        let partitions = tables
+            .iter()
+            .filter(|t| t.starts_with("readings_p"))
+            .count();
+        assert_eq!(partitions, 5, "{tables:?}");
+    });
+}
