@@ -1,0 +1,55 @@
+//! Per-stage benches: decode (each format) and COPY row encoding, per
+//! reading. Run with `cargo bench --bench stages`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edge_gateway::config::PartitionInterval;
+use edge_gateway::decode::decode;
+use edge_gateway::sink::partitions::Partitions;
+use edge_gateway::sink::Batch;
+use edge_payload::{Format, Sample};
+
+/// One message as a packing device sends it: 100 samples x 2 metrics.
+fn samples() -> Vec<Sample> {
+    (0..100)
+        .map(|i| Sample {
+            ts_ms: 1_750_000_000_000 + i * 1000,
+            metrics: vec![
+                ("temperature".into(), 21.0 + i as f64 * 0.01),
+                ("humidity".into(), 45.0 - i as f64 * 0.02),
+            ],
+        })
+        .collect()
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let samples = samples();
+    let readings = 200u64;
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(readings));
+    for format in Format::ALL {
+        let payload = edge_payload::encode(format, 1, &samples, &firmware_sim::unit_of);
+        group.bench_with_input(BenchmarkId::from_parameter(format), &payload, |b, p| {
+            b.iter(|| decode(std::hint::black_box(p), None, 1_750_000_000_000_000))
+        });
+    }
+    group.finish();
+}
+
+fn bench_copy_encode(c: &mut Criterion) {
+    let payload = edge_payload::encode(Format::NativeCbor, 1, &samples(), &firmware_sim::unit_of);
+    let decoded = decode(&payload, None, 0).map(|d| d.readings).unwrap_or_default();
+    let partitions = Partitions::new("edge", PartitionInterval::Daily);
+    let mut group = c.benchmark_group("copy_encode");
+    group.throughput(Throughput::Elements(decoded.len() as u64));
+    group.bench_function("readings", |b| {
+        b.iter(|| {
+            let mut batch = Batch::new(decoded.len());
+            batch.push_readings("device-0001", std::hint::black_box(&decoded), &partitions);
+            batch.seal()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_copy_encode);
+criterion_main!(benches);
