@@ -37,7 +37,9 @@ fn bench_decode(c: &mut Criterion) {
 
 fn bench_copy_encode(c: &mut Criterion) {
     let payload = edge_payload::encode(Format::NativeCbor, 1, &samples(), &firmware_sim::unit_of);
-    let decoded = decode(&payload, None, 0).map(|d| d.readings).unwrap_or_default();
+    let decoded = decode(&payload, None, 0)
+        .map(|d| d.readings)
+        .unwrap_or_default();
     let partitions = Partitions::new("edge", PartitionInterval::Daily);
     let mut group = c.benchmark_group("copy_encode");
     group.throughput(Throughput::Elements(decoded.len() as u64));
