@@ -101,6 +101,41 @@ async fn four_formats_through_embedded_broker_land_exactly_once() {
     );
 }
 
+/// With MQTT 3.1.1 and mosquitto's default window of 20 unacknowledged
+/// messages, acks held until commit must not stall the gateway: batches are
+/// also flushed on the interval, so every message gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_with_mosquitto_default_inflight_window() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start_with(&["max_inflight_messages 20"]).expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "[mqtt]\nprotocol = \"3.1.1\"\n");
+    let start_ms = now_ms() - 600_000;
+    let config = sim(&broker.url(), Format::SenmlJson, 5, 200, start_ms);
+    let summary = firmware_sim::run(&config, CancellationToken::new())
+        .await
+        .expect("sim");
+    let client = db(&pg.url()).await;
+    let total = summary.readings as i64;
+    let got = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.readings",
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(got, total, "gateway log:\n{}", gateway.log());
+    assert_exactly(
+        &client,
+        &config.device_prefix,
+        &firmware_sim::expected_readings(&config, start_ms),
+    )
+    .await;
+    assert_eq!(
+        gateway.metric("edge_gateway_acks_sent_total"),
+        Some(summary.messages as f64)
+    );
+}
+
 /// Readings spanning three past days land in three daily partitions that
 /// the gateway created itself (two of them on demand, for late data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

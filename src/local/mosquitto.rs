@@ -37,6 +37,15 @@ impl Mosquitto {
     /// # Errors
     /// [`LocalError::Missing`] when mosquitto is not installed.
     pub fn start() -> Result<Mosquitto, LocalError> {
+        Mosquitto::start_with(&[])
+    }
+
+    /// Starts mosquitto with the shipped configuration, where `overrides`
+    /// (whole `key value` lines) replace the shipped lines of the same keys.
+    ///
+    /// # Errors
+    /// As for [`start`](Self::start).
+    pub fn start_with(overrides: &[&str]) -> Result<Mosquitto, LocalError> {
         let exe = find_binary("mosquitto", &["/usr/sbin", "/usr/local/sbin"]).ok_or_else(|| {
             LocalError::Missing {
                 what: "mosquitto".into(),
@@ -53,7 +62,7 @@ impl Mosquitto {
             port: free_port()?,
             child: None,
         };
-        broker.write_conf()?;
+        broker.write_conf(overrides)?;
         broker.launch()?;
         Ok(broker)
     }
@@ -66,12 +75,14 @@ impl Mosquitto {
         self.dir.path().join("mosquitto.log")
     }
 
-    fn write_conf(&self) -> Result<(), LocalError> {
+    fn write_conf(&self, overrides: &[&str]) -> Result<(), LocalError> {
+        let key_of = |line: &str| line.split_whitespace().next().unwrap_or("").to_string();
+        let replaced: Vec<String> = overrides.iter().map(|l| key_of(l)).collect();
         let mut conf: String = SHIPPED_CONF
             .lines()
             .filter(|line| {
-                let key = line.split_whitespace().next().unwrap_or("");
-                !OVERRIDDEN.contains(&key)
+                let key = key_of(line);
+                !OVERRIDDEN.contains(&key.as_str()) && !replaced.contains(&key)
             })
             .map(|line| format!("{line}\n"))
             .collect();
@@ -81,6 +92,10 @@ impl Mosquitto {
             self.dir.path().display(),
             self.log_path().display()
         ));
+        for line in overrides {
+            conf.push_str(line);
+            conf.push('\n');
+        }
         if running_as_root() {
             // Keep root so the broker can write into this root-owned temp dir.
             conf.push_str("user root\n");

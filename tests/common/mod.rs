@@ -23,16 +23,28 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Writes a config file (`extra` is appended TOML) and starts the
-    /// gateway; returns once `/readyz` answers 200.
+    /// Writes a config file (the test defaults with the tables of `extra`
+    /// merged over them) and starts the gateway; returns once `/readyz`
+    /// answers 200.
     pub fn start(mqtt_url: &str, database_url: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir for the gateway");
         let http_port = free_port().expect("free port");
-        let config = format!(
-            "[mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"gw-{http_port}\"\n{}\n[database]\nurl = \"{database_url}\"\nflush_interval_ms = 50\n{}\n[http]\naddr = \"127.0.0.1:{http_port}\"\n",
-            section(extra, "mqtt"),
-            section(extra, "database"),
+        let base = format!(
+            "[mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"gw-{http_port}\"\n\
+             [database]\nurl = \"{database_url}\"\nflush_interval_ms = 50\n\
+             [http]\naddr = \"127.0.0.1:{http_port}\"\n"
         );
+        let mut config: toml::Table = toml::from_str(&base).expect("base config");
+        let extra: toml::Table = toml::from_str(extra).expect("extra config is TOML");
+        for (name, table) in extra {
+            match (config.get_mut(&name), table) {
+                (Some(toml::Value::Table(into)), toml::Value::Table(from)) => into.extend(from),
+                (_, value) => {
+                    config.insert(name, value);
+                }
+            }
+        }
+        let config = toml::to_string(&config).expect("render config");
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, config).expect("write gateway.toml");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("gateway log");
@@ -118,46 +130,6 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
-}
-
-/// The lines of `extra` under `[name]` (extra is a small TOML fragment of
-/// `[mqtt]`/`[database]`/`[pipeline]` tables merged into the test config).
-fn section(extra: &str, name: &str) -> String {
-    let mut out = String::new();
-    let mut inside = false;
-    for line in extra.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            inside = t == format!("[{name}]");
-            continue;
-        }
-        if inside {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    if name == "database" {
-        // Other tables ride after [database] so they stay valid TOML.
-        let mut rest = String::new();
-        let mut current = String::new();
-        for line in extra.lines() {
-            let t = line.trim();
-            if t.starts_with('[') {
-                current = t.to_string();
-                if !matches!(t, "[mqtt]" | "[database]" | "[http]") {
-                    rest.push_str(line);
-                    rest.push('\n');
-                }
-                continue;
-            }
-            if !matches!(current.as_str(), "[mqtt]" | "[database]" | "[http]" | "") {
-                rest.push_str(line);
-                rest.push('\n');
-            }
-        }
-        out.push_str(&rest);
-    }
-    out
 }
 
 /// A minimal HTTP/1.0 GET: (status, body).
