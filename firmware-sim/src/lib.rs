@@ -397,3 +397,42 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
     driver_stop.cancel();
     result.map(|()| summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_deterministic_per_seed() {
+        assert_eq!(value(1, 2, 0, 3, 1_000), value(1, 2, 0, 3, 1_000));
+        assert_ne!(value(1, 2, 0, 3, 1_000), value(2, 2, 0, 3, 1_000));
+        assert_ne!(value(1, 2, 0, 3, 1_000), value(1, 3, 0, 3, 1_000));
+    }
+
+    #[test]
+    fn signals_stay_in_a_plausible_range() {
+        for (m, (name, _, base, amplitude, noise, drift)) in METRICS.iter().enumerate() {
+            let bound = amplitude + drift.abs() + 6.0 * noise;
+            for i in 0..5_000u64 {
+                let v = value(42, (i % 7) as usize, m, i, i as i64 * 60_000);
+                assert!((v - base).abs() <= bound, "{name}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn expected_readings_cover_every_sample() {
+        let config = SimConfig {
+            devices: 3,
+            count: Some(5),
+            metrics: 2,
+            step_ms: Some(10),
+            ..SimConfig::default()
+        };
+        let readings = expected_readings(&config, 1_000);
+        assert_eq!(readings.len(), 30);
+        assert_eq!(readings[0].device, "sim-0000");
+        assert_eq!(readings[0].ts_ms, 1_000);
+        assert_eq!(readings[29].ts_ms, 1_040);
+    }
+}

@@ -189,3 +189,113 @@ impl Worker {
         Ok(decoded)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, PartitionInterval};
+    use crate::model::now_micros;
+    use crate::shard::Router;
+    use bytes::Bytes;
+
+    fn message(id: u64, device: Option<&str>, payload: &[u8]) -> Message {
+        Message {
+            id,
+            device: device.map(Arc::from),
+            topic: Arc::from(format!("devices/{}/telemetry", device.unwrap_or("?")).as_str()),
+            payload: Bytes::copy_from_slice(payload),
+            received: now_micros(),
+            content_type: None,
+        }
+    }
+
+    fn setup(batch_rows: usize) -> (Router, Worker, mpsc::Receiver<SealedBatch>, Arc<Metrics>) {
+        let mut config = Config::default();
+        config.database.batch_rows = batch_rows;
+        config.mqtt.max_payload_bytes = 200;
+        let router = Router::new(1, 16);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(4);
+        let worker = Worker::new(
+            router.shards()[0].clone(),
+            WorkerConfig::from_config(&config),
+            Arc::new(Partitions::new("edge", PartitionInterval::Daily)),
+            metrics.clone(),
+            tx,
+        );
+        (router, worker, rx, metrics)
+    }
+
+    #[tokio::test]
+    async fn bad_messages_become_dead_letters_in_the_same_batch() {
+        let (router, worker, mut rx, metrics) = setup(1000);
+        let now_ms = now_micros() / 1000;
+        let good = format!(r#"{{"seq":1,"ts":{now_ms},"m":{{"a":1,"b":2}}}}"#);
+        let future = format!(r#"{{"seq":2,"ts":{},"m":{{"a":1}}}}"#, now_ms + 3_600_000);
+        let ancient = r#"{"seq":3,"ts":1000,"m":{"a":1}}"#;
+        let messages = [
+            message(0, Some("d1"), good.as_bytes()),
+            message(1, Some("d1"), b"{not json"),
+            message(2, None, good.as_bytes()),
+            message(3, Some("d1"), &[b' '; 300]),
+            message(4, Some("d1"), future.as_bytes()),
+            message(5, Some("d1"), ancient.as_bytes()),
+        ];
+        for m in messages {
+            router.push(m, &metrics).await;
+        }
+        router.close();
+        worker.run().await;
+        let batch = rx.recv().await.expect("one batch");
+        assert_eq!(batch.reading_rows, 2);
+        assert_eq!(batch.dead_letter_rows, 5);
+        assert_eq!(batch.messages, vec![0, 1, 2, 3, 4, 5]);
+        let text = metrics.render();
+        for reason in ["malformed_json", "unknown_topic", "payload_too_large"] {
+            assert!(
+                text.contains(&format!(
+                    "edge_gateway_dead_letters_total{{reason=\"{reason}\"}} 1"
+                )),
+                "{reason}"
+            );
+        }
+        assert!(text.contains("edge_gateway_dead_letters_total{reason=\"time_skew\"} 2"));
+        assert!(rx.recv().await.is_none());
+    }
+
+    /// A lone message is flushed when the interval passes, not only when a
+    /// batch fills: with acks held until commit, the broker's window may
+    /// never let a batch fill.
+    #[tokio::test(start_paused = true)]
+    async fn flushes_on_interval_without_more_input() {
+        let (router, worker, mut rx, metrics) = setup(10_000);
+        let task = tokio::spawn(worker.run());
+        let payload = format!(r#"{{"seq":1,"ts":{},"m":{{"a":1}}}}"#, now_micros() / 1000);
+        router
+            .push(message(7, Some("d"), payload.as_bytes()), &metrics)
+            .await;
+        let batch = rx.recv().await.expect("flushed by the interval");
+        assert_eq!((batch.reading_rows, batch.messages.clone()), (1, vec![7]));
+        router.close();
+        task.await.expect("worker ends after close");
+    }
+
+    /// Batches cut between messages, never inside one.
+    #[tokio::test]
+    async fn batches_hold_whole_messages() {
+        let (router, worker, mut rx, metrics) = setup(3);
+        let now_ms = now_micros() / 1000;
+        for id in 0..3 {
+            let payload = format!(r#"{{"seq":{id},"ts":{now_ms},"m":{{"a":1,"b":2}}}}"#);
+            router
+                .push(message(id, Some("d"), payload.as_bytes()), &metrics)
+                .await;
+        }
+        router.close();
+        worker.run().await;
+        let first = rx.recv().await.expect("first batch");
+        let second = rx.recv().await.expect("second batch");
+        assert_eq!((first.reading_rows, first.messages), (4, vec![0, 1]));
+        assert_eq!((second.reading_rows, second.messages), (2, vec![2]));
+    }
+}
