@@ -196,11 +196,20 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
         .query_one("SELECT count(*) FROM edge.dead_letters", &[])
         .await?
         .get(0);
-    println!("  edge.readings total {total} rows; edge.dead_letters {dead} rows");
-    if total as u64 == published {
-        println!("demo: every published reading is in PostgreSQL exactly once by count");
+    let distinct: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT (device_id, metric, time)) FROM edge.readings",
+            &[],
+        )
+        .await?
+        .get(0);
+    println!(
+        "  edge.readings total {total} rows ({distinct} distinct device/metric/time); edge.dead_letters {dead} rows"
+    );
+    if total as u64 == published && distinct == total {
+        println!("demo: every published reading is in PostgreSQL, none twice");
     } else {
-        println!("demo: MISMATCH: published {published}, stored {total}");
+        println!("demo: MISMATCH: published {published}, stored {total}, distinct {distinct}");
     }
     drop(client);
     drop(pg);
