@@ -39,21 +39,10 @@ async fn four_formats(sim_broker: &str, gateway: &Gateway, pg: &LocalPostgres) {
         configs.push(config);
     }
     let client = db(&pg.url()).await;
-    let total = (4 * DEVICES as u64 * SAMPLES * 2) as i64;
-    let got = wait_for_count(
-        &client,
-        "SELECT count(*) FROM edge.readings",
-        total,
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(got, total, "gateway log:\n{}", gateway.log());
-    // Give a duplicate a chance to show up before checking exactness.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for config in &configs {
-        let expected = firmware_sim::expected_readings(config, start_ms);
-        assert_exactly(&client, &config.device_prefix, &expected).await;
+        assert_landed(&client, gateway, config).await;
     }
+    let total = (4 * DEVICES as u64 * SAMPLES * 2) as i64;
     let dead: i64 = client
         .query_one("SELECT count(*) FROM edge.dead_letters", &[])
         .await
@@ -115,21 +104,7 @@ async fn progress_with_mosquitto_default_inflight_window() {
         .await
         .expect("sim");
     let client = db(&pg.url()).await;
-    let total = summary.readings as i64;
-    let got = wait_for_count(
-        &client,
-        "SELECT count(*) FROM edge.readings",
-        total,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(got, total, "gateway log:\n{}", gateway.log());
-    assert_exactly(
-        &client,
-        &config.device_prefix,
-        &firmware_sim::expected_readings(&config, start_ms),
-    )
-    .await;
+    assert_landed(&client, &gateway, &config).await;
     assert_eq!(
         gateway.metric("edge_gateway_acks_sent_total"),
         Some(summary.messages as f64)
@@ -197,20 +172,7 @@ async fn three_days_land_in_three_partitions_created_by_the_gateway() {
         .await
         .expect("sim");
     let total = summary.readings as i64;
-    let got = wait_for_count(
-        &client,
-        "SELECT count(*) FROM edge.readings",
-        total,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(got, total, "gateway log:\n{}", gateway.log());
-    assert_exactly(
-        &client,
-        &config.device_prefix,
-        &firmware_sim::expected_readings(&config, first_ms),
-    )
-    .await;
+    assert_landed(&client, &gateway, &config).await;
 
     let rows = client
         .query(

@@ -119,7 +119,7 @@ pub fn start(
                 .set_max_packet_size(m.max_payload_bytes + 1024, 64 * 1024)
                 .set_request_channel_capacity(capacity);
             let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
-            tokio::spawn(drive_v4(eventloop, events, backoff, stop));
+            tokio::spawn(drive(eventloop, events, backoff, stop));
             Ok(MqttClient::V4(client))
         }
         Protocol::V5 => {
@@ -133,7 +133,7 @@ pub fn start(
                 .set_max_packet_size(Some((m.max_payload_bytes + 1024) as u32))
                 .set_request_channel_capacity(capacity);
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
-            tokio::spawn(drive_v5(eventloop, events, backoff, stop));
+            tokio::spawn(drive(eventloop, events, backoff, stop));
             Ok(MqttClient::V5(client))
         }
     }
@@ -164,96 +164,70 @@ impl Backoff {
     }
 }
 
-/// Polls a v3.1.1 event loop until `stop` or until the intake side is gone.
-async fn drive_v4(
-    mut eventloop: rumqttc::EventLoop,
-    events: mpsc::Sender<SourceEvent>,
-    mut backoff: Backoff,
-    stop: CancellationToken,
-) {
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(rumqttc::Event::Incoming(packet)) => match packet {
-                Packet4::ConnAck(ack) => {
-                    backoff.reset();
-                    Some(SourceEvent::Connected {
-                        session_present: ack.session_present,
-                    })
-                }
-                Packet4::SubAck(ack) => Some(SourceEvent::Subscribed {
+/// What one poll of an event loop gave.
+enum Polled {
+    Event(SourceEvent),
+    /// Our own DISCONNECT went out: the driver is done.
+    Closed,
+    Nothing,
+    Failed(String),
+}
+
+/// One protocol's event loop, reduced to what the driver needs.
+trait EventSource {
+    async fn next(&mut self) -> Polled;
+}
+
+impl EventSource for rumqttc::EventLoop {
+    async fn next(&mut self) -> Polled {
+        match self.poll().await {
+            Ok(rumqttc::Event::Incoming(Packet4::ConnAck(ack))) => {
+                Polled::Event(SourceEvent::Connected {
+                    session_present: ack.session_present,
+                })
+            }
+            Ok(rumqttc::Event::Incoming(Packet4::SubAck(ack))) => {
+                Polled::Event(SourceEvent::Subscribed {
                     granted: ack
                         .return_codes
                         .iter()
                         .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
-                }),
-                Packet4::Publish(p) => Some(SourceEvent::Publish {
+                })
+            }
+            Ok(rumqttc::Event::Incoming(Packet4::Publish(p))) => {
+                Polled::Event(SourceEvent::Publish {
                     topic: Arc::from(p.topic.as_str()),
                     ack: (p.qos != QoS::AtMostOnce).then_some(PendingAck { pkid: p.pkid }),
                     payload: p.payload,
                     content_type: None,
-                }),
-                _ => None,
-            },
-            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                let _ = events
-                    .send(SourceEvent::Disconnected {
-                        error: "disconnected".into(),
-                    })
-                    .await;
-                return;
+                })
             }
-            Ok(_) => None,
-            Err(e) => {
-                if events
-                    .send(SourceEvent::Disconnected {
-                        error: e.to_string(),
-                    })
-                    .await
-                    .is_err()
-                    || stop.is_cancelled()
-                {
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.step()) => {}
-                    _ = stop.cancelled() => return,
-                }
-                None
-            }
-        };
-        if let Some(event) = event {
-            if events.send(event).await.is_err() {
-                return;
-            }
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::Closed,
+            Ok(_) => Polled::Nothing,
+            Err(e) => Polled::Failed(e.to_string()),
         }
     }
 }
 
-/// Polls an MQTT 5 event loop until `stop` or until the intake side is gone.
-async fn drive_v5(
-    mut eventloop: rumqttc::v5::EventLoop,
-    events: mpsc::Sender<SourceEvent>,
-    mut backoff: Backoff,
-    stop: CancellationToken,
-) {
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(rumqttc::v5::Event::Incoming(packet)) => match packet {
-                Packet5::ConnAck(ack) => {
-                    backoff.reset();
-                    Some(SourceEvent::Connected {
-                        session_present: ack.session_present,
-                    })
-                }
-                Packet5::SubAck(ack) => Some(SourceEvent::Subscribed {
-                    granted: ack.return_codes.iter().all(|c| {
-                        matches!(
-                            c,
-                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                        )
-                    }),
-                }),
-                Packet5::Publish(p) => Some(SourceEvent::Publish {
+impl EventSource for rumqttc::v5::EventLoop {
+    async fn next(&mut self) -> Polled {
+        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+        match self.poll().await {
+            Ok(rumqttc::v5::Event::Incoming(Packet5::ConnAck(ack))) => {
+                Polled::Event(SourceEvent::Connected {
+                    session_present: ack.session_present,
+                })
+            }
+            Ok(rumqttc::v5::Event::Incoming(Packet5::SubAck(ack))) => {
+                Polled::Event(SourceEvent::Subscribed {
+                    granted: ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+                })
+            }
+            Ok(rumqttc::v5::Event::Incoming(Packet5::Publish(p))) => {
+                Polled::Event(SourceEvent::Publish {
                     topic: Arc::from(String::from_utf8_lossy(&p.topic).as_ref()),
                     ack: (p.qos != QoS5::AtMostOnce).then_some(PendingAck { pkid: p.pkid }),
                     content_type: p
@@ -262,10 +236,34 @@ async fn drive_v5(
                         .and_then(|props| props.content_type.as_deref())
                         .map(Arc::from),
                     payload: p.payload,
-                }),
-                _ => None,
-            },
-            Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                })
+            }
+            Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::Closed,
+            Ok(_) => Polled::Nothing,
+            Err(e) => Polled::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Polls `source` until `stop`, our own DISCONNECT, or until the intake
+/// side is gone; after a failure waits the backoff, and the next poll
+/// reconnects.
+async fn drive(
+    mut source: impl EventSource,
+    events: mpsc::Sender<SourceEvent>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = match source.next().await {
+            Polled::Event(event) => {
+                if matches!(event, SourceEvent::Connected { .. }) {
+                    backoff.reset();
+                }
+                event
+            }
+            Polled::Nothing => continue,
+            Polled::Closed => {
                 let _ = events
                     .send(SourceEvent::Disconnected {
                         error: "disconnected".into(),
@@ -273,12 +271,9 @@ async fn drive_v5(
                     .await;
                 return;
             }
-            Ok(_) => None,
-            Err(e) => {
+            Polled::Failed(error) => {
                 if events
-                    .send(SourceEvent::Disconnected {
-                        error: e.to_string(),
-                    })
+                    .send(SourceEvent::Disconnected { error })
                     .await
                     .is_err()
                     || stop.is_cancelled()
@@ -289,13 +284,11 @@ async fn drive_v5(
                     _ = tokio::time::sleep(backoff.step()) => {}
                     _ = stop.cancelled() => return,
                 }
-                None
+                continue;
             }
         };
-        if let Some(event) = event {
-            if events.send(event).await.is_err() {
-                return;
-            }
+        if events.send(event).await.is_err() {
+            return;
         }
     }
 }

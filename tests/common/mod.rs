@@ -221,6 +221,32 @@ pub async fn assert_exactly(client: &Client, prefix: &str, expected: &[ExpectedR
     assert_eq!(rows.len(), expected.len());
 }
 
+/// Waits until every reading `config` published has landed, then checks
+/// they are exactly the expected ones (see [`assert_exactly`]).
+pub async fn assert_landed(client: &Client, gateway: &Gateway, config: &SimConfig) {
+    let start_ms = config.start_ms.expect("tests fix start_ms");
+    let expected = firmware_sim::expected_readings(config, start_ms);
+    let prefix = &config.device_prefix;
+    let count =
+        format!("SELECT count(*) FROM edge.readings WHERE starts_with(device_id, '{prefix}')");
+    let got = wait_for_count(
+        client,
+        &count,
+        expected.len() as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        got,
+        expected.len() as i64,
+        "{prefix}: gateway log:\n{}",
+        gateway.log()
+    );
+    // Give a late duplicate the chance to show up before checking exactness.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly(client, prefix, &expected).await;
+}
+
 /// A simulator config for `devices` x `count` samples of 2 metrics.
 pub fn sim(
     broker: &str,
