@@ -46,6 +46,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub database: DatabaseConfig,
     pub pipeline: PipelineConfig,
+    pub spool: SpoolConfig,
+    pub dedup: DedupConfig,
     pub http: HttpConfig,
 }
 
@@ -195,6 +197,51 @@ impl Default for PipelineConfig {
             max_future_skew_secs: 600,
             shutdown_timeout_secs: 30,
             summary_interval_secs: 30,
+        }
+    }
+}
+
+/// `[spool]`: where batches wait while PostgreSQL is unreachable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory of the spool (one subdirectory per writer). Must be on a
+    /// disk that survives restarts.
+    pub dir: String,
+    /// Upper bound of the spool in bytes, over all writers; when full,
+    /// intake stops until the database takes batches again.
+    pub max_bytes: u64,
+    /// Size at which a new segment file is started, in bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: "/var/lib/edge-gateway/spool".into(),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[dedup]`: dropping redelivered and re-sent messages.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// How long identities of messages without a sequence (SenML) are
+    /// remembered, in seconds. Keep it at least as long as the broker keeps
+    /// the gateway's session (`mqtt.session_expiry_secs`).
+    pub horizon_secs: u64,
+    /// Most identities remembered per shard (about 50 bytes each in memory).
+    pub max_identities: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            horizon_secs: 86_400,
+            max_identities: 1_000_000,
         }
     }
 }
@@ -427,6 +474,21 @@ impl Config {
                 "pipeline.shutdown_timeout_secs",
                 "must be 1 to 3600",
             ));
+        }
+        if self.spool.dir.is_empty() {
+            return Err(invalid("spool.dir", "must name a directory"));
+        }
+        if self.spool.segment_bytes < 4096 || self.spool.segment_bytes > self.spool.max_bytes {
+            return Err(invalid(
+                "spool.segment_bytes",
+                "must be at least 4096 and at most spool.max_bytes",
+            ));
+        }
+        if self.dedup.horizon_secs == 0 {
+            return Err(invalid("dedup.horizon_secs", "must be at least 1"));
+        }
+        if self.dedup.max_identities == 0 {
+            return Err(invalid("dedup.max_identities", "must be at least 1"));
         }
         if !self.http.addr.is_empty() && self.http.addr.parse::<SocketAddr>().is_err() {
             return Err(invalid(

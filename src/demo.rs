@@ -64,6 +64,11 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
     config.database.url = pg.url();
     config.http.addr = "127.0.0.1:0".into();
     config.pipeline.summary_interval_secs = 0;
+    let spool = tempfile::Builder::new()
+        .prefix("edge-spool-")
+        .tempdir()
+        .map_err(|e| DemoError::Other(format!("temp dir for the spool: {e}")))?;
+    config.spool.dir = spool.path().display().to_string();
     println!(
         "demo: broker {}  postgres {}",
         config.mqtt.url, config.database.url

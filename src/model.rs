@@ -53,6 +53,9 @@ pub struct Decoded {
     pub readings: Vec<Reading>,
     /// The per-device message sequence, where the format carries one (native).
     pub seq: Option<u64>,
+    /// True when some time was relative to "now" (SenML times below 2^28),
+    /// so the same bytes received twice may be two real measurements.
+    pub relative_time: bool,
 }
 
 /// A message as it leaves the source: routed by device, decoded by the shard
@@ -68,6 +71,8 @@ pub struct Message {
     pub received: Micros,
     /// The MQTT 5 content type, when the publisher set one.
     pub content_type: Option<Arc<str>>,
+    /// The broker marked this delivery as a retransmission (DUP flag).
+    pub redelivery: bool,
 }
 
 /// Days since 1970-01-01 to a civil (year, month, day), proleptic Gregorian.

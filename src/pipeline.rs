@@ -7,14 +7,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::model::{now_micros, MICROS_PER_DAY};
-use crate::shard::worker::{Worker, WorkerConfig};
-use crate::shard::Router;
+use crate::model::{now_micros, MICROS_PER_DAY, MICROS_PER_SEC};
+use crate::shard::dedup::{Dedup, SeqWindow};
+use crate::shard::worker::{BatchIds, Worker, WorkerConfig};
+use crate::shard::{shard_of, Router};
 use crate::sink::partitions::Partitions;
+use crate::sink::spool::{Spool, SpoolError};
 use crate::sink::{schema, writer};
 use crate::source;
 use crate::telemetry::{http, Metrics};
@@ -33,6 +35,8 @@ pub enum PipelineError {
     Mqtt(#[from] source::mqtt::MqttError),
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
+    #[error("spool.dir: {0}")]
+    Spool(#[from] SpoolError),
 }
 
 /// Creates the schema and the partitions around now, and drops partitions
@@ -67,6 +71,22 @@ async fn maintain(
         .await?;
     let cutoff = now - i64::from(config.database.retention_days) * MICROS_PER_DAY;
     let dropped = partitions.drop_before(client, cutoff).await?;
+    let horizon = format!("{} seconds", config.dedup.horizon_secs);
+    let s = &config.database.schema;
+    client
+        .execute(
+            &format!("DELETE FROM {s}.message_ids WHERE received_at < now() - $1::text::interval"),
+            &[&horizon],
+        )
+        .await?;
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {s}.applied_batches WHERE applied_at < now() - $1::text::interval"
+            ),
+            &[&horizon],
+        )
+        .await?;
     if created > 0 || !dropped.is_empty() {
         tracing::info!(created, dropped = ?dropped, "partitions maintained");
     }
@@ -140,39 +160,44 @@ pub async fn run_with_metrics(
         config.shard_count(),
         config.pipeline.ring_capacity,
     ));
-    let writers = config.database.writers;
-    let (batch_tx, batch_rx) = mpsc::channel(writers * 2);
-    let batch_rx = Arc::new(Mutex::new(batch_rx));
-    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let shards = router.shards().len();
+    // More writers than shards would idle: each shard feeds one writer.
+    let writers = config.database.writers.min(shards);
+    let spools = open_spools(&config, writers, &metrics)?;
+    let dedups = load_dedup(&config, &pg, shards, &spools).await?;
+    replay_orphan_spools(&config, writers, &pg, &partitions, &metrics).await?;
 
-    let worker_config = WorkerConfig::from_config(&config);
-    for shard in router.shards() {
-        let worker = Worker::new(
-            shard.clone(),
-            worker_config.clone(),
-            partitions.clone(),
-            metrics.clone(),
-            batch_tx.clone(),
-        );
-        tokio::spawn(worker.run());
-    }
-    drop(batch_tx);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(writer::WriterContext {
         pg: pg.clone(),
         schema: config.database.schema.clone(),
         partitions: partitions.clone(),
         metrics: metrics.clone(),
         retry_min: Duration::from_millis(config.database.retry_min_ms),
+        shutdown: shutdown.clone(),
     });
-    for id in 0..writers {
-        tokio::spawn(writer::run(
-            id,
-            ctx.clone(),
-            batch_rx.clone(),
-            done_tx.clone(),
-        ));
+    let mut queues = Vec::with_capacity(writers);
+    for (id, spool) in spools.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(2);
+        queues.push(tx);
+        tokio::spawn(writer::run(id, ctx.clone(), rx, done_tx.clone(), spool));
     }
     drop(done_tx);
+    let worker_config = WorkerConfig::from_config(&config);
+    let ids = Arc::new(BatchIds::new());
+    for ((i, shard), dedup) in router.shards().iter().enumerate().zip(dedups) {
+        let worker = Worker::new(
+            shard.clone(),
+            worker_config.clone(),
+            partitions.clone(),
+            metrics.clone(),
+            queues[i % writers].clone(),
+            dedup,
+            ids.clone(),
+        );
+        tokio::spawn(worker.run());
+    }
+    drop(queues);
 
     tokio::spawn(maintenance(
         config.clone(),
@@ -223,6 +248,130 @@ pub async fn run_with_metrics(
         ),
     }
     Ok(())
+}
+
+fn spool_dir(config: &Config, writer: usize) -> std::path::PathBuf {
+    std::path::Path::new(&config.spool.dir).join(format!("writer-{writer}"))
+}
+
+/// Opens each writer's spool, reporting what recovery found.
+fn open_spools(
+    config: &Config,
+    writers: usize,
+    metrics: &Metrics,
+) -> Result<Vec<Spool>, PipelineError> {
+    let per_writer = config.spool.max_bytes / writers as u64;
+    (0..writers)
+        .map(|w| {
+            let dir = spool_dir(config, w);
+            let (spool, recovery) = Spool::open(&dir, per_writer, config.spool.segment_bytes.min(per_writer))?;
+            for file in &recovery.corrupt {
+                metrics.spool_corrupt_files.fetch_add(1, Relaxed);
+                tracing::error!(%file, "torn or corrupt spool data set aside; it is not replayed (its messages were never acknowledged)");
+            }
+            if recovery.records > 0 {
+                tracing::info!(writer = w, batches = recovery.records, "spool holds batches from before; replaying first");
+            }
+            Ok(spool)
+        })
+        .collect()
+}
+
+/// Replays spools of writers that no longer exist (the writer count was
+/// lowered), before anything new is written.
+async fn replay_orphan_spools(
+    config: &Config,
+    writers: usize,
+    pg: &tokio_postgres::Config,
+    partitions: &Arc<Partitions>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), PipelineError> {
+    let mut w = writers;
+    while spool_dir(config, w).is_dir() {
+        let (spool, _) = Spool::open(&spool_dir(config, w), u64::MAX, config.spool.segment_bytes)?;
+        if !spool.is_empty() {
+            tracing::info!(
+                writer = w,
+                batches = spool.pending(),
+                "replaying the spool of a former writer"
+            );
+            let ctx = Arc::new(writer::WriterContext {
+                pg: pg.clone(),
+                schema: config.database.schema.clone(),
+                partitions: partitions.clone(),
+                metrics: metrics.clone(),
+                retry_min: Duration::from_millis(config.database.retry_min_ms),
+                shutdown: CancellationToken::new(),
+            });
+            let (tx, rx) = mpsc::channel(1);
+            drop(tx);
+            let (done, _) = mpsc::unbounded_channel();
+            writer::run(w, ctx, rx, done, spool).await;
+        }
+        w += 1;
+    }
+    Ok(())
+}
+
+/// Loads each shard's dedup state: sequence windows and recent identities
+/// from the database, then what waits in the spools (newer still).
+async fn load_dedup(
+    config: &Config,
+    pg: &tokio_postgres::Config,
+    shards: usize,
+    spools: &[Spool],
+) -> Result<Vec<Dedup>, PipelineError> {
+    let horizon = config.dedup.horizon_secs as i64 * MICROS_PER_SEC;
+    let mut dedups: Vec<Dedup> = (0..shards)
+        .map(|_| Dedup::new(config.dedup.max_identities, horizon))
+        .collect();
+    let s = &config.database.schema;
+    let client = writer::connect(pg).await?;
+    let mut devices = 0usize;
+    for row in client
+        .query(
+            &format!("SELECT device_id, seq, seen FROM {s}.device_watermarks"),
+            &[],
+        )
+        .await?
+    {
+        let device: Arc<str> = Arc::from(row.get::<_, &str>(0));
+        let window = SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2));
+        dedups[shard_of(&device, shards)].restore_window(device, window);
+        devices += 1;
+    }
+    let mut identities = 0usize;
+    for row in client
+        .query(
+            &format!(
+                "SELECT device_id, hash, (extract(epoch FROM received_at) * 1000000)::int8 FROM {s}.message_ids \
+                 WHERE received_at > now() - $1::int8 * interval '1 microsecond' ORDER BY received_at"
+            ),
+            &[&horizon],
+        )
+        .await?
+    {
+        let hash: &[u8] = row.get(1);
+        let Ok(bytes) = <[u8; 16]>::try_from(hash) else { continue };
+        let device: &str = row.get(0);
+        dedups[shard_of(device, shards)].restore_identity(u128::from_be_bytes(bytes), row.get(2));
+        identities += 1;
+    }
+    for spool in spools {
+        for batch in spool.pending_batches()? {
+            for (device, window) in batch.watermarks {
+                let shard = shard_of(&device, shards);
+                dedups[shard].restore_window(device, window);
+            }
+            for m in &batch.messages {
+                if let (Some(id), Some(device)) = (m.identity, &m.device) {
+                    dedups[shard_of(device, shards)].restore_identity(id, m.received);
+                }
+            }
+        }
+    }
+    tracing::info!(devices, identities, "dedup state loaded");
+    Ok(dedups)
 }
 
 /// Creates partitions ahead and drops expired ones every ten minutes.

@@ -36,6 +36,9 @@ pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
             message
         }
     };
+    if message.seq > i64::MAX as u64 {
+        return Err(DecodeError::Native("seq must be below 2^63".into()));
+    }
     let mut readings = Vec::new();
     match (message.ts, message.m, message.samples) {
         (Some(ts), Some(m), None) => push_sample(&mut readings, ts, m)?,
@@ -54,6 +57,7 @@ pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
     Ok(Decoded {
         readings,
         seq: Some(message.seq),
+        relative_time: false,
     })
 }
 
@@ -105,7 +109,8 @@ mod tests {
                     num(1_700_000_000_123_000, "t", 21.5),
                     num(1_700_000_000_123_000, "h", 40.0)
                 ],
-                seq: Some(7)
+                seq: Some(7),
+                relative_time: false,
             })
         );
     }
@@ -140,7 +145,8 @@ mod tests {
             got,
             Ok(Decoded {
                 readings: vec![num(1_000_000, "x", 1.5)],
-                seq: Some(1)
+                seq: Some(1),
+                relative_time: false,
             })
         );
     }

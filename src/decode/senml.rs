@@ -318,6 +318,7 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
     let mut bs: Option<f64> = None;
     let mut version: Option<u64> = None;
     let mut readings = Vec::with_capacity(records.len());
+    let mut relative_time = false;
     let fail = |i: usize, what: String| Err(DecodeError::Senml(format!("record {i}: {what}")));
     for (i, r) in records.iter().enumerate() {
         if let Some(v) = r.bver {
@@ -380,6 +381,7 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
         }
         let seconds = bt + r.t.unwrap_or(0.0);
         let time = if seconds < RELATIVE_LIMIT {
+            relative_time = true;
             received.saturating_add(seconds_to_micros(seconds)?)
         } else {
             seconds_to_micros(seconds)?
@@ -395,6 +397,7 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
     Ok(Decoded {
         readings,
         seq: None,
+        relative_time,
     })
 }
 

@@ -4,6 +4,7 @@
 //! no lock. A full ring makes [`Router::push`] wait, which stops reading from
 //! the broker (backpressure); nothing is dropped.
 
+pub mod dedup;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};

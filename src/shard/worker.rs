@@ -11,9 +11,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::dedup::{Dedup, Verdict};
 use super::Shard;
 use crate::decode::decode;
 use crate::model::{Message, Micros, MICROS_PER_SEC};
+use crate::sink::batch::BatchId;
 use crate::sink::partitions::Partitions;
 use crate::sink::{Batch, SealedBatch};
 use crate::telemetry::Metrics;
@@ -42,6 +44,32 @@ impl WorkerConfig {
     }
 }
 
+/// Hands out batch ids: this process's start time and a counter.
+#[derive(Debug)]
+pub struct BatchIds {
+    run: i64,
+    next: std::sync::atomic::AtomicI64,
+}
+
+impl BatchIds {
+    pub fn new() -> BatchIds {
+        BatchIds {
+            run: crate::model::now_micros(),
+            next: std::sync::atomic::AtomicI64::new(1),
+        }
+    }
+
+    pub fn next(&self) -> BatchId {
+        (self.run, self.next.fetch_add(1, Relaxed))
+    }
+}
+
+impl Default for BatchIds {
+    fn default() -> Self {
+        BatchIds::new()
+    }
+}
+
 /// One shard's worker.
 pub struct Worker {
     shard: Arc<Shard>,
@@ -49,6 +77,8 @@ pub struct Worker {
     partitions: Arc<Partitions>,
     metrics: Arc<Metrics>,
     out: mpsc::Sender<SealedBatch>,
+    dedup: Dedup,
+    ids: Arc<BatchIds>,
     batch: Batch,
     deadline: Option<Instant>,
 }
@@ -60,6 +90,8 @@ impl Worker {
         partitions: Arc<Partitions>,
         metrics: Arc<Metrics>,
         out: mpsc::Sender<SealedBatch>,
+        dedup: Dedup,
+        ids: Arc<BatchIds>,
     ) -> Worker {
         let batch = Batch::new(config.batch_rows);
         Worker {
@@ -68,6 +100,8 @@ impl Worker {
             partitions,
             metrics,
             out,
+            dedup,
+            ids,
             batch,
             deadline: None,
         }
@@ -113,7 +147,7 @@ impl Worker {
             return true;
         }
         let batch = std::mem::replace(&mut self.batch, Batch::new(self.config.batch_rows));
-        self.out.send(batch.seal()).await.is_ok()
+        self.out.send(batch.seal(self.ids.next())).await.is_ok()
     }
 
     /// Decodes one message and adds its rows or its dead letter to the batch.
@@ -121,37 +155,52 @@ impl Worker {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.config.flush_interval);
         }
-        match self.check(&message) {
-            Ok(decoded) => {
-                let device = message.device.as_deref().unwrap_or("");
+        let (decoded, device) = match self.check(&message) {
+            Ok(ok) => ok,
+            Err((reason, error)) => {
+                self.metrics.dead_letter(reason);
+                self.batch.push_dead_letter(&message, reason, &error);
+                return;
+            }
+        };
+        let verdict = self.dedup.check(
+            &device,
+            decoded.seq,
+            &message.payload,
+            decoded.relative_time,
+            message.redelivery,
+            message.received,
+        );
+        match verdict {
+            Verdict::Duplicate => {
+                self.metrics.duplicates.fetch_add(1, Relaxed);
+                self.batch.push_dropped(&message);
+            }
+            Verdict::New { window, identity } => {
                 self.metrics
                     .readings_decoded
                     .fetch_add(decoded.readings.len() as u64, Relaxed);
-                self.batch
-                    .push_readings(device, &decoded.readings, &self.partitions);
-            }
-            Err((reason, error)) => {
-                self.metrics.dead_letter(reason);
-                self.batch.push_dead_letter(
-                    message.received,
-                    &message.topic,
-                    message.device.as_deref(),
-                    &message.payload,
-                    reason,
-                    &error,
+                self.batch.push_readings(
+                    &message,
+                    &decoded.readings,
+                    &self.partitions,
+                    window,
+                    identity,
                 );
             }
         }
-        self.batch.add_message(message.id, message.received);
     }
 
-    fn check(&self, message: &Message) -> Result<crate::model::Decoded, (&'static str, String)> {
-        if message.device.is_none() {
+    fn check(
+        &self,
+        message: &Message,
+    ) -> Result<(crate::model::Decoded, Arc<str>), (&'static str, String)> {
+        let Some(device) = message.device.clone() else {
             return Err((
                 "unknown_topic",
                 format!("topic {:?} matches no configured filter", message.topic),
             ));
-        }
+        };
         if message.payload.len() > self.config.max_payload_bytes {
             return Err((
                 "payload_too_large",
@@ -186,7 +235,7 @@ impl Worker {
                 ),
             ));
         }
-        Ok(decoded)
+        Ok((decoded, device))
     }
 }
 
@@ -206,6 +255,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload),
             received: now_micros(),
             content_type: None,
+            redelivery: false,
         }
     }
 
@@ -222,6 +272,8 @@ mod tests {
             Arc::new(Partitions::new("edge", PartitionInterval::Daily)),
             metrics.clone(),
             tx,
+            Dedup::new(1000, i64::MAX / 2),
+            Arc::new(BatchIds::new()),
         );
         (router, worker, rx, metrics)
     }
@@ -249,7 +301,7 @@ mod tests {
         let batch = rx.recv().await.expect("one batch");
         assert_eq!(batch.reading_rows, 2);
         assert_eq!(batch.dead_letter_rows, 5);
-        assert_eq!(batch.messages, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(batch.message_ids(), vec![0, 1, 2, 3, 4, 5]);
         let text = metrics.render();
         for reason in ["malformed_json", "unknown_topic", "payload_too_large"] {
             assert!(
@@ -275,7 +327,7 @@ mod tests {
             .push(message(7, Some("d"), payload.as_bytes()), &metrics)
             .await;
         let batch = rx.recv().await.expect("flushed by the interval");
-        assert_eq!((batch.reading_rows, batch.messages.clone()), (1, vec![7]));
+        assert_eq!((batch.reading_rows, batch.message_ids()), (1, vec![7]));
         router.close();
         task.await.expect("worker ends after close");
     }
@@ -295,7 +347,7 @@ mod tests {
         worker.run().await;
         let first = rx.recv().await.expect("first batch");
         let second = rx.recv().await.expect("second batch");
-        assert_eq!((first.reading_rows, first.messages), (4, vec![0, 1]));
-        assert_eq!((second.reading_rows, second.messages), (2, vec![2]));
+        assert_eq!((first.reading_rows, first.message_ids()), (4, vec![0, 1]));
+        assert_eq!((second.reading_rows, second.message_ids()), (2, vec![2]));
     }
 }

@@ -1,38 +1,71 @@
 //! The batcher's unit of work: rows of whole messages, already encoded.
 //!
 //! A message's rows never straddle two batches, so one commit makes a whole
-//! message durable and its id can be reported to the ack ledger.
+//! message durable and its id can be reported to the ack ledger. Each
+//! message keeps the byte range of its rows and its raw payload, so the
+//! writer can leave out a message the database already holds, or isolate
+//! one the database rejects and store it as a dead letter instead.
+//!
+//! A sealed batch also has a binary form ([`SealedBatch::encode`]) for the
+//! spool: versioned, length-prefixed fields, no self-describing overhead.
 
-use bytes::Bytes;
+use std::ops::Range;
+use std::sync::Arc;
 
-use super::copy::RowBuffer;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::copy::{RowBuffer, HEADER};
 use super::partitions::Partitions;
 use crate::model::{Micros, Reading, Value};
+use crate::shard::dedup::SeqWindow;
 
 /// Columns of `readings` in COPY order.
 pub const READINGS_COLUMNS: &str = "time, device_id, metric, value, unit, vs, vb, vd, sum";
 /// Columns of `dead_letters` in COPY order.
 pub const DEAD_LETTER_COLUMNS: &str = "received_at, topic, device_id, payload, reason, error";
 
+/// Identifies a batch across retries, spooling and restarts:
+/// (process start time in µs, counter).
+pub type BatchId = (i64, i64);
+
+/// One message inside a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageEntry {
+    /// Ledger id (meaningful only in the process that received it).
+    pub id: u64,
+    pub received: Micros,
+    pub topic: Arc<str>,
+    pub device: Option<Arc<str>>,
+    pub payload: Bytes,
+    /// Byte range of its rows in the readings stream (empty for dead letters).
+    pub rows: Range<usize>,
+    pub row_count: u32,
+    /// Identity to record in `message_ids` (payloads without a sequence).
+    pub identity: Option<u128>,
+}
+
 /// A batch being filled by one shard worker.
 #[derive(Debug)]
 pub struct Batch {
     readings: RowBuffer,
     dead_letters: RowBuffer,
-    messages: Vec<u64>,
+    messages: Vec<MessageEntry>,
+    /// Latest sequence window per device in this batch.
+    watermarks: Vec<(Arc<str>, SeqWindow)>,
     partitions: Vec<i64>,
     oldest_received: Option<Micros>,
 }
 
 /// A batch ready for the writers: immutable bytes, cheap to retry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SealedBatch {
+    pub id: BatchId,
     pub readings: Bytes,
     pub reading_rows: usize,
     pub dead_letters: Bytes,
     pub dead_letter_rows: usize,
-    /// Ledger ids of the messages whose rows are all in this batch.
-    pub messages: Vec<u64>,
+    pub messages: Vec<MessageEntry>,
+    pub watermarks: Vec<(Arc<str>, SeqWindow)>,
     /// Indexes of the `readings` partitions the rows fall in, sorted.
     pub partitions: Vec<i64>,
     pub oldest_received: Micros,
@@ -44,6 +77,7 @@ impl Batch {
             readings: RowBuffer::new(expected_rows * 64),
             dead_letters: RowBuffer::new(0),
             messages: Vec::new(),
+            watermarks: Vec::new(),
             partitions: Vec::new(),
             oldest_received: None,
         }
@@ -59,88 +93,315 @@ impl Batch {
         self.messages.is_empty()
     }
 
-    /// Records that message `id` (received at `received`) is complete in
-    /// this batch once committed.
-    pub fn add_message(&mut self, id: u64, received: Micros) {
-        self.messages.push(id);
-        self.oldest_received = Some(self.oldest_received.map_or(received, |t| t.min(received)));
-    }
-
-    /// Encodes `readings` of `device` as `readings` rows.
-    pub fn push_readings(&mut self, device: &str, readings: &[Reading], partitions: &Partitions) {
-        let mut last_partition = None;
-        for r in readings {
-            let partition = partitions.index_of(r.time);
-            if last_partition != Some(partition) && !self.partitions.contains(&partition) {
-                self.partitions.push(partition);
-            }
-            last_partition = Some(partition);
-            let row = self
-                .readings
-                .row(9)
-                .timestamptz(r.time)
-                .text(device)
-                .text(&r.metric);
-            match &r.value {
-                Value::Number(v) => row
-                    .float8(*v)
-                    .opt_text(r.unit.as_deref())
-                    .null()
-                    .null()
-                    .null(),
-                Value::Text(s) => row.null().opt_text(r.unit.as_deref()).text(s).null().null(),
-                Value::Bool(b) => row
-                    .null()
-                    .opt_text(r.unit.as_deref())
-                    .null()
-                    .boolean(*b)
-                    .null(),
-                Value::Data(d) => row
-                    .null()
-                    .opt_text(r.unit.as_deref())
-                    .null()
-                    .null()
-                    .bytea(d),
-                Value::None => row.null().opt_text(r.unit.as_deref()).null().null().null(),
-            }
-            .opt_float8(r.sum);
+    fn entry(&mut self, message: &crate::model::Message) -> MessageEntry {
+        self.oldest_received = Some(
+            self.oldest_received
+                .map_or(message.received, |t| t.min(message.received)),
+        );
+        MessageEntry {
+            id: message.id,
+            received: message.received,
+            topic: message.topic.clone(),
+            device: message.device.clone(),
+            payload: message.payload.clone(),
+            rows: 0..0,
+            row_count: 0,
+            identity: None,
         }
     }
 
-    /// Encodes one `dead_letters` row.
-    pub fn push_dead_letter(
+    /// Adds a message whose rows are lost to nobody: a duplicate, counted
+    /// and acknowledged, with nothing stored.
+    pub fn push_dropped(&mut self, message: &crate::model::Message) {
+        let mut entry = self.entry(message);
+        entry.payload = Bytes::new();
+        self.messages.push(entry);
+    }
+
+    /// Adds a message and encodes its `readings` rows.
+    pub fn push_readings(
         &mut self,
-        received: Micros,
-        topic: &str,
-        device: Option<&str>,
-        payload: &[u8],
-        reason: &str,
-        error: &str,
+        message: &crate::model::Message,
+        readings: &[Reading],
+        partitions: &Partitions,
+        window: Option<SeqWindow>,
+        identity: Option<u128>,
     ) {
-        self.dead_letters
-            .row(6)
-            .timestamptz(received)
-            .text(topic)
-            .opt_text(device)
-            .bytea(payload)
-            .text(reason)
-            .text(error);
+        let mut entry = self.entry(message);
+        let device = message.device.as_deref().unwrap_or("");
+        let start = self.readings.len();
+        encode_readings(
+            &mut self.readings,
+            device,
+            readings,
+            partitions,
+            &mut self.partitions,
+        );
+        entry.rows = start..self.readings.len();
+        entry.row_count = readings.len() as u32;
+        entry.identity = identity;
+        if let (Some(window), Some(device)) = (window, &message.device) {
+            match self.watermarks.iter_mut().find(|(d, _)| d == device) {
+                Some(slot) => slot.1 = window,
+                None => self.watermarks.push((device.clone(), window)),
+            }
+        }
+        self.messages.push(entry);
+    }
+
+    /// Adds a message as one `dead_letters` row.
+    pub fn push_dead_letter(&mut self, message: &crate::model::Message, reason: &str, error: &str) {
+        let entry = self.entry(message);
+        encode_dead_letter(
+            &mut self.dead_letters,
+            message.received,
+            &message.topic,
+            message.device.as_deref(),
+            &message.payload,
+            reason,
+            error,
+        );
+        self.messages.push(entry);
     }
 
     /// Finishes the COPY streams.
-    pub fn seal(self) -> SealedBatch {
+    pub fn seal(self, id: BatchId) -> SealedBatch {
         let reading_rows = self.readings.rows();
         let dead_letter_rows = self.dead_letters.rows();
         let mut partitions = self.partitions;
         partitions.sort_unstable();
         SealedBatch {
+            id,
             readings: self.readings.finish(),
             reading_rows,
             dead_letters: self.dead_letters.finish(),
             dead_letter_rows,
             messages: self.messages,
+            watermarks: self.watermarks,
             partitions,
             oldest_received: self.oldest_received.unwrap_or(0),
         }
     }
 }
+
+/// Encodes `readings` of `device` as rows, noting their partitions.
+pub fn encode_readings(
+    out: &mut RowBuffer,
+    device: &str,
+    readings: &[Reading],
+    partitions: &Partitions,
+    seen: &mut Vec<i64>,
+) {
+    let mut last_partition = None;
+    for r in readings {
+        let partition = partitions.index_of(r.time);
+        if last_partition != Some(partition) && !seen.contains(&partition) {
+            seen.push(partition);
+        }
+        last_partition = Some(partition);
+        let row = out.row(9).timestamptz(r.time).text(device).text(&r.metric);
+        let unit = r.unit.as_deref();
+        match &r.value {
+            Value::Number(v) => row.float8(*v).opt_text(unit).null().null().null(),
+            Value::Text(s) => row.null().opt_text(unit).text(s).null().null(),
+            Value::Bool(b) => row.null().opt_text(unit).null().boolean(*b).null(),
+            Value::Data(d) => row.null().opt_text(unit).null().null().bytea(d),
+            Value::None => row.null().opt_text(unit).null().null().null(),
+        }
+        .opt_float8(r.sum);
+    }
+}
+
+/// Encodes one `dead_letters` row.
+pub fn encode_dead_letter(
+    out: &mut RowBuffer,
+    received: Micros,
+    topic: &str,
+    device: Option<&str>,
+    payload: &[u8],
+    reason: &str,
+    error: &str,
+) {
+    out.row(6)
+        .timestamptz(received)
+        .text(topic)
+        .opt_text(device)
+        .bytea(payload)
+        .text(reason)
+        .text(error);
+}
+
+impl SealedBatch {
+    /// Ledger ids of its messages.
+    pub fn message_ids(&self) -> Vec<u64> {
+        self.messages.iter().map(|m| m.id).collect()
+    }
+
+    /// A COPY stream holding only the rows of messages for which `keep` is
+    /// true, with its row count.
+    pub fn readings_where(&self, keep: impl Fn(&MessageEntry) -> bool) -> (Bytes, usize) {
+        let mut out = BytesMut::with_capacity(self.readings.len());
+        out.put_slice(HEADER);
+        let mut rows = 0;
+        for m in self.messages.iter().filter(|m| keep(m)) {
+            if let Some(slice) = self.readings.get(m.rows.clone()) {
+                out.put_slice(slice);
+                rows += m.row_count as usize;
+            }
+        }
+        out.put_slice(&super::copy::TRAILER);
+        (out.freeze(), rows)
+    }
+
+    /// The spool form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = BytesMut::with_capacity(self.readings.len() + self.dead_letters.len() + 256);
+        b.put_u32(FORMAT_VERSION);
+        b.put_i64(self.id.0);
+        b.put_i64(self.id.1);
+        b.put_i64(self.oldest_received);
+        put_bytes(&mut b, &self.readings);
+        b.put_u64(self.reading_rows as u64);
+        put_bytes(&mut b, &self.dead_letters);
+        b.put_u64(self.dead_letter_rows as u64);
+        b.put_u32(self.partitions.len() as u32);
+        for p in &self.partitions {
+            b.put_i64(*p);
+        }
+        b.put_u32(self.messages.len() as u32);
+        for m in &self.messages {
+            b.put_u64(m.id);
+            b.put_i64(m.received);
+            put_bytes(&mut b, m.topic.as_bytes());
+            match &m.device {
+                Some(d) => {
+                    b.put_u8(1);
+                    put_bytes(&mut b, d.as_bytes());
+                }
+                None => b.put_u8(0),
+            }
+            put_bytes(&mut b, &m.payload);
+            b.put_u64(m.rows.start as u64);
+            b.put_u64(m.rows.end as u64);
+            b.put_u32(m.row_count);
+            match m.identity {
+                Some(id) => {
+                    b.put_u8(1);
+                    b.put_u128(id);
+                }
+                None => b.put_u8(0),
+            }
+        }
+        b.put_u32(self.watermarks.len() as u32);
+        for (device, window) in &self.watermarks {
+            put_bytes(&mut b, device.as_bytes());
+            b.put_u64(window.high());
+            put_bytes(&mut b, &window.window_bytes());
+        }
+        b.to_vec()
+    }
+
+    /// Parses the spool form; `None` for anything malformed.
+    pub fn decode(mut b: &[u8]) -> Option<SealedBatch> {
+        let b = &mut b;
+        if get_u32(b)? != FORMAT_VERSION {
+            return None;
+        }
+        let id = (get_i64(b)?, get_i64(b)?);
+        let oldest_received = get_i64(b)?;
+        let readings = Bytes::copy_from_slice(get_bytes(b)?);
+        let reading_rows = get_u64(b)? as usize;
+        let dead_letters = Bytes::copy_from_slice(get_bytes(b)?);
+        let dead_letter_rows = get_u64(b)? as usize;
+        let n = get_u32(b)? as usize;
+        let mut partitions = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            partitions.push(get_i64(b)?);
+        }
+        let n = get_u32(b)? as usize;
+        let mut messages = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let id = get_u64(b)?;
+            let received = get_i64(b)?;
+            let topic: Arc<str> = Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?);
+            let device = match get_u8(b)? {
+                0 => None,
+                1 => Some(Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?)),
+                _ => return None,
+            };
+            let payload = Bytes::copy_from_slice(get_bytes(b)?);
+            let rows = get_u64(b)? as usize..get_u64(b)? as usize;
+            if rows.start > rows.end || rows.end > readings.len() {
+                return None;
+            }
+            let row_count = get_u32(b)?;
+            let identity = match get_u8(b)? {
+                0 => None,
+                1 => Some(get_u128(b)?),
+                _ => return None,
+            };
+            messages.push(MessageEntry {
+                id,
+                received,
+                topic,
+                device,
+                payload,
+                rows,
+                row_count,
+                identity,
+            });
+        }
+        let n = get_u32(b)? as usize;
+        let mut watermarks = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let device: Arc<str> = Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?);
+            let high = get_u64(b)?;
+            let window = SeqWindow::restore(high, get_bytes(b)?);
+            watermarks.push((device, window));
+        }
+        if !b.is_empty() {
+            return None;
+        }
+        Some(SealedBatch {
+            id,
+            readings,
+            reading_rows,
+            dead_letters,
+            dead_letter_rows,
+            messages,
+            watermarks,
+            partitions,
+            oldest_received,
+        })
+    }
+}
+
+const FORMAT_VERSION: u32 = 1;
+
+fn put_bytes(b: &mut BytesMut, data: &[u8]) {
+    b.put_u32(data.len() as u32);
+    b.put_slice(data);
+}
+
+fn get_bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = get_u32(b)? as usize;
+    if b.len() < n {
+        return None;
+    }
+    let (head, tail) = b.split_at(n);
+    *b = tail;
+    Some(head)
+}
+
+macro_rules! getter {
+    ($name:ident, $ty:ty, $get:ident) => {
+        fn $name(b: &mut &[u8]) -> Option<$ty> {
+            (b.remaining() >= std::mem::size_of::<$ty>()).then(|| b.$get())
+        }
+    };
+}
+getter!(get_u8, u8, get_u8);
+getter!(get_u32, u32, get_u32);
+getter!(get_u64, u64, get_u64);
+getter!(get_i64, i64, get_i64);
+getter!(get_u128, u128, get_u128);

@@ -11,6 +11,7 @@ pub mod copy;
 pub mod ledger;
 pub mod partitions;
 pub mod schema;
+pub mod spool;
 pub mod writer;
 
 pub use batch::{Batch, SealedBatch};

@@ -64,8 +64,27 @@ CREATE TABLE IF NOT EXISTS {s}.dead_letters (
 CREATE TABLE IF NOT EXISTS {s}.device_watermarks (
     device_id  text        NOT NULL PRIMARY KEY,
     seq        bigint      NOT NULL,
+    seen       bytea       NOT NULL DEFAULT '',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+COMMENT ON TABLE {s}.device_watermarks IS 'Highest committed native message sequence per device (seq), and which of the 1024 below it were committed (seen, a bitmap).';
+
+CREATE TABLE IF NOT EXISTS {s}.message_ids (
+    device_id   text        NOT NULL,
+    hash        bytea       NOT NULL,
+    received_at timestamptz NOT NULL,
+    PRIMARY KEY (device_id, hash)
+);
+COMMENT ON TABLE {s}.message_ids IS 'Identities (128-bit hash of device and payload) of recently committed messages without a sequence, to drop redeliveries.';
+CREATE INDEX IF NOT EXISTS message_ids_received_idx ON {s}.message_ids (received_at);
+
+CREATE TABLE IF NOT EXISTS {s}.applied_batches (
+    run        bigint      NOT NULL,
+    seq        bigint      NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run, seq)
+);
+COMMENT ON TABLE {s}.applied_batches IS 'Batches committed recently, so a retried or replayed batch is never applied twice.';
 "#,
         s = schema
     )

@@ -42,6 +42,8 @@ pub enum SourceEvent {
         /// `None` for QoS 0 (nothing to acknowledge).
         ack: Option<PendingAck>,
         content_type: Option<Arc<str>>,
+        /// DUP flag: the broker is retransmitting.
+        redelivery: bool,
     },
     /// The connection failed; the driver reconnects by itself.
     Disconnected { error: String },
@@ -110,7 +112,7 @@ pub async fn run_intake(
                             tracing::info!(filters = filters.len(), "subscribed");
                         }
                     }
-                    SourceEvent::Publish { topic, payload, ack, content_type } => {
+                    SourceEvent::Publish { topic, payload, ack, content_type, redelivery } => {
                         if stop_intake {
                             // Not registered, not acknowledged: redelivered later.
                             continue;
@@ -125,6 +127,7 @@ pub async fn run_intake(
                             payload,
                             received: now_micros(),
                             content_type,
+                            redelivery,
                         };
                         router.push(message, &metrics).await;
                     }

@@ -198,6 +198,7 @@ impl EventSource for rumqttc::EventLoop {
                 Polled::Event(SourceEvent::Publish {
                     topic: Arc::from(p.topic.as_str()),
                     ack: (p.qos != QoS::AtMostOnce).then_some(PendingAck { pkid: p.pkid }),
+                    redelivery: p.dup,
                     payload: p.payload,
                     content_type: None,
                 })
@@ -235,6 +236,7 @@ impl EventSource for rumqttc::v5::EventLoop {
                         .as_ref()
                         .and_then(|props| props.content_type.as_deref())
                         .map(Arc::from),
+                    redelivery: p.dup,
                     payload: p.payload,
                 })
             }

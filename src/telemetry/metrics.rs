@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 /// Reasons a message becomes a dead letter; the label values of
 /// `edge_gateway_dead_letters_total`.
-pub const DEAD_LETTER_REASONS: [&str; 11] = [
+pub const DEAD_LETTER_REASONS: [&str; 12] = [
     "empty",
     "unknown_shape",
     "malformed_json",
@@ -20,6 +20,7 @@ pub const DEAD_LETTER_REASONS: [&str; 11] = [
     "time_skew",
     "payload_too_large",
     "unknown_topic",
+    "rejected_by_database",
 ];
 
 /// Upper bounds (seconds) of latency histogram buckets.
@@ -76,6 +77,12 @@ pub struct Metrics {
     pub intake_paused: AtomicU64,
     pub partitions_created: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub spool_batches_written: AtomicU64,
+    pub spool_batches_replayed: AtomicU64,
+    pub spool_corrupt_files: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub spool_segments: AtomicU64,
     dead_letters: [AtomicU64; DEAD_LETTER_REASONS.len()],
     pub mqtt_connected: AtomicBool,
     pub mqtt_subscribed: AtomicBool,
@@ -187,6 +194,32 @@ impl Metrics {
             "Broker connection losses.",
             self.mqtt_reconnects.load(Relaxed),
         );
+        counter(
+            &mut out,
+            "edge_gateway_duplicates_total",
+            "Messages dropped as duplicates (redelivered or re-sent).",
+            self.duplicates.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_spool_batches_written_total",
+            "Batches written to the disk spool.",
+            self.spool_batches_written.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_spool_batches_replayed_total",
+            "Spooled batches committed to PostgreSQL.",
+            self.spool_batches_replayed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_spool_corrupt_files_total",
+            "Corrupt or torn spool data set aside.",
+            self.spool_corrupt_files.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP edge_gateway_spool_bytes Bytes in the disk spool.\n# TYPE edge_gateway_spool_bytes gauge\nedge_gateway_spool_bytes {}", self.spool_bytes.load(Relaxed));
+        let _ = writeln!(out, "# HELP edge_gateway_spool_segments Segment files in the disk spool.\n# TYPE edge_gateway_spool_segments gauge\nedge_gateway_spool_segments {}", self.spool_segments.load(Relaxed));
         let _ = writeln!(out, "# HELP edge_gateway_dead_letters_total Messages written to dead_letters, by reason.\n# TYPE edge_gateway_dead_letters_total counter");
         for (i, reason) in DEAD_LETTER_REASONS.iter().enumerate() {
             let _ = writeln!(

@@ -15,24 +15,31 @@ use edge_gateway::local::free_port;
 use firmware_sim::{ExpectedReading, SimConfig};
 use tokio_postgres::Client;
 
-/// A running gateway process.
+/// A gateway process with its own config file, spool and client id, which
+/// stay the same across restarts (like a real deployment).
 pub struct Gateway {
     child: Option<Child>,
     pub http_port: u16,
     dir: tempfile::TempDir,
+    config: PathBuf,
+    /// Log lines of processes run before the current one.
+    earlier_logs: String,
 }
 
 impl Gateway {
     /// Writes a config file (the test defaults with the tables of `extra`
-    /// merged over them) and starts the gateway; returns once `/readyz`
+    /// merged over them), starts the gateway, and returns once `/readyz`
     /// answers 200.
     pub fn start(mqtt_url: &str, database_url: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir for the gateway");
         let http_port = free_port().expect("free port");
+        let spool = dir.path().join("spool");
         let base = format!(
             "[mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"gw-{http_port}\"\n\
-             [database]\nurl = \"{database_url}\"\nflush_interval_ms = 50\n\
-             [http]\naddr = \"127.0.0.1:{http_port}\"\n"
+             [database]\nurl = \"{database_url}\"\nflush_interval_ms = 50\nretry_min_ms = 50\n\
+             [spool]\ndir = \"{}\"\n\
+             [http]\naddr = \"127.0.0.1:{http_port}\"\n",
+            spool.display()
         );
         let mut config: toml::Table = toml::from_str(&base).expect("base config");
         let extra: toml::Table = toml::from_str(extra).expect("extra config is TOML");
@@ -44,13 +51,30 @@ impl Gateway {
                 }
             }
         }
-        let config = toml::to_string(&config).expect("render config");
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config).expect("write gateway.toml");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("gateway log");
+        std::fs::write(&path, toml::to_string(&config).expect("render config"))
+            .expect("write gateway.toml");
+        let mut gw = Gateway {
+            child: None,
+            http_port,
+            dir,
+            config: path,
+            earlier_logs: String::new(),
+        };
+        gw.spawn();
+        gw
+    }
+
+    /// Starts the process (again) and waits until it is ready.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log_path = self.dir.path().join("gateway.log");
+        self.earlier_logs
+            .push_str(&std::fs::read_to_string(&log_path).unwrap_or_default());
+        let log = std::fs::File::create(&log_path).expect("gateway log");
         let child = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(&self.config)
             .env("RUST_LOG", "info,rumqttd=off")
             .env_remove(edge_gateway::config::ENV_MQTT_URL)
             .env_remove(edge_gateway::config::ENV_DATABASE_URL)
@@ -60,19 +84,14 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn edge-gateway");
-        let mut gw = Gateway {
-            child: Some(child),
-            http_port,
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(http_port, "/readyz").map(|(s, _)| s) != Some(200) {
-            if Instant::now() > deadline || gw.exited() {
-                panic!("gateway not ready within 60 s; log:\n{}", gw.log());
+        while http_get(self.http_port, "/readyz").map(|(s, _)| s) != Some(200) {
+            if Instant::now() > deadline || self.exited() {
+                panic!("gateway not ready within 60 s; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        gw
     }
 
     fn exited(&mut self) -> bool {
@@ -81,9 +100,16 @@ impl Gateway {
             .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
-    /// The gateway's log so far.
+    /// The logs of every process so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+        let current =
+            std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
+        format!("{}{current}", self.earlier_logs)
+    }
+
+    /// The spool directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
     }
 
     /// `/metrics` text.
@@ -102,33 +128,44 @@ impl Gateway {
             .and_then(|v| v.parse().ok())
     }
 
-    /// Sends SIGTERM and waits for a clean exit; returns its success.
-    pub fn stop(&mut self) -> bool {
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit; returns whether
+    /// it exited successfully in time.
+    pub fn terminate(&mut self, within: Duration) -> bool {
         let Some(mut child) = self.child.take() else {
             return true;
         };
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(40);
+        let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
         false
     }
+
+    /// SIGTERM with a generous deadline.
+    pub fn stop(&mut self) -> bool {
+        self.terminate(Duration::from_secs(40))
+    }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
