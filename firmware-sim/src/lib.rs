@@ -76,6 +76,16 @@ pub struct SimConfig {
     pub client_id: String,
     /// Print progress to stderr every second.
     pub progress: bool,
+    /// Share of messages published twice (a device re-sending).
+    pub duplicate_rate: f64,
+    /// Share of messages published after the device's next one.
+    pub reorder_rate: f64,
+    /// Share of messages replaced by a malformed payload; their samples are
+    /// not part of [`expected_readings`].
+    pub malformed_rate: f64,
+    /// Keep the MQTT session across reconnects (clean session off), so
+    /// nothing in flight is lost when the broker restarts.
+    pub persistent: bool,
 }
 
 impl Default for SimConfig {
@@ -97,6 +107,10 @@ impl Default for SimConfig {
             topic: "devices/{device}/telemetry".into(),
             client_id: "firmware-sim".into(),
             progress: false,
+            duplicate_rate: 0.0,
+            reorder_rate: 0.0,
+            malformed_rate: 0.0,
+            persistent: false,
         }
     }
 }
@@ -125,6 +139,17 @@ impl SimConfig {
         }
         if self.count.is_none() && self.seconds.is_none() {
             return bad("give --count or --seconds");
+        }
+        for (name, rate) in [
+            ("--duplicates", self.duplicate_rate),
+            ("--reorder", self.reorder_rate),
+            ("--malformed", self.malformed_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(SimError::Invalid(format!(
+                    "{name} must be a share from 0 to 1"
+                )));
+            }
         }
         if !self.topic.contains("{device}") {
             return bad("--topic must contain {device}");
@@ -211,6 +236,40 @@ pub fn sample(config: &SimConfig, start_ms: i64, device: usize, index: u64) -> S
     }
 }
 
+/// Which faults hit message `message` of `device` (deterministic per seed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Faults {
+    pub duplicate: bool,
+    pub reorder: bool,
+    /// `Some(kind)`: replaced by malformed payload number `kind` (0-3).
+    pub malformed: Option<u8>,
+}
+
+/// The faults of one message.
+pub fn faults(config: &SimConfig, device: usize, message: u64) -> Faults {
+    let roll = |salt: u64| {
+        unit_float(mix(
+            config.seed ^ mix(salt << 56 ^ (device as u64) << 32 ^ message)
+        ))
+    };
+    Faults {
+        duplicate: roll(1) < config.duplicate_rate,
+        reorder: roll(2) < config.reorder_rate,
+        malformed: (roll(3) < config.malformed_rate).then(|| (roll(4) * 4.0) as u8 % 4),
+    }
+}
+
+/// A payload no decoder accepts, of one of four kinds: a valid payload cut
+/// in half, broken JSON, JSON of the wrong shape, CBOR garbage.
+pub fn malformed_payload(kind: u8, valid: &[u8]) -> Vec<u8> {
+    match kind {
+        0 => valid[..valid.len() / 2].to_vec(),
+        1 => b"{\"seq\": 1, \"ts\": ".to_vec(),
+        2 => b"{\"hello\": \"world\"}".to_vec(),
+        _ => vec![0xff, 0x00, 0x13, 0x37],
+    }
+}
+
 /// One reading as the database should hold it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpectedReading {
@@ -227,6 +286,12 @@ pub fn expected_readings(config: &SimConfig, start_ms: i64) -> Vec<ExpectedReadi
     for d in 0..config.devices {
         let device = device_id(&config.device_prefix, d);
         for i in 0..count {
+            if faults(config, d, i / config.pack as u64)
+                .malformed
+                .is_some()
+            {
+                continue;
+            }
             let s = sample(config, start_ms, d, i);
             for (metric, value) in s.metrics {
                 out.push(ExpectedReading {
@@ -249,6 +314,12 @@ pub struct Summary {
     pub readings: u64,
     /// QoS 1 messages the broker acknowledged.
     pub acked: u64,
+    /// Messages published a second time on purpose.
+    pub duplicates: u64,
+    /// Messages published after the device's next one on purpose.
+    pub reordered: u64,
+    /// Malformed messages published instead of real ones.
+    pub malformed: u64,
     pub start_ms: i64,
     pub elapsed: Duration,
 }
@@ -257,11 +328,14 @@ impl Summary {
     /// One line of JSON with every figure.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"devices\":{},\"messages\":{},\"readings\":{},\"acked\":{},\"start_ms\":{},\"elapsed_s\":{:.3},\"readings_per_s\":{:.1}}}",
+            "{{\"devices\":{},\"messages\":{},\"readings\":{},\"acked\":{},\"duplicates\":{},\"reordered\":{},\"malformed\":{},\"start_ms\":{},\"elapsed_s\":{:.3},\"readings_per_s\":{:.1}}}",
             self.devices,
             self.messages,
             self.readings,
             self.acked,
+            self.duplicates,
+            self.reordered,
+            self.malformed,
             self.start_ms,
             self.elapsed.as_secs_f64(),
             self.readings as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -282,7 +356,7 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(16 << 20, 16 << 20)
         .set_inflight(1000)
-        .set_clean_session(true);
+        .set_clean_session(!config.persistent);
     let (client, mut eventloop) = AsyncClient::new(options, 1000);
     let acked = Arc::new(AtomicU64::new(0));
     let driver_stop = CancellationToken::new();
@@ -332,6 +406,8 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
     let mut next_progress = started + Duration::from_secs(1);
     let mut index: u64 = 0;
     let mut seq: u64 = 1;
+    // Per device: a message held back to be published after the next one.
+    let mut held: Vec<Option<Vec<u8>>> = vec![None; config.devices];
     'outer: loop {
         let n = match config.count {
             Some(count) if index >= count => break,
@@ -352,16 +428,38 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
             let samples: Vec<Sample> = (index..index + n)
                 .map(|i| sample(config, start_ms, d, i))
                 .collect();
-            let payload = edge_payload::encode(config.format, seq, &samples, &unit_of);
-            if client
-                .publish(topic.as_str(), qos, false, payload)
-                .await
-                .is_err()
-            {
-                break 'outer;
+            let mut payload = edge_payload::encode(config.format, seq, &samples, &unit_of);
+            let fault = faults(config, d, seq - 1);
+            match fault.malformed {
+                Some(kind) => {
+                    payload = malformed_payload(kind, &payload);
+                    summary.malformed += 1;
+                }
+                None => summary.readings += n * config.metrics as u64,
             }
-            summary.messages += 1;
-            summary.readings += n * config.metrics as u64;
+            let last = config.count.is_some_and(|c| index + n >= c);
+            let mut out = Vec::with_capacity(3);
+            if fault.reorder && !last && held[d].is_none() {
+                held[d] = Some(payload.clone());
+                summary.reordered += 1;
+            } else {
+                out.push(payload.clone());
+                out.extend(held[d].take());
+            }
+            if fault.duplicate {
+                out.push(payload);
+                summary.duplicates += 1;
+            }
+            for payload in out {
+                if client
+                    .publish(topic.as_str(), qos, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break 'outer;
+                }
+                summary.messages += 1;
+            }
         }
         seq += 1;
         index += n;
@@ -373,6 +471,18 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
                 summary.readings,
                 summary.readings as f64 / started.elapsed().as_secs_f64()
             );
+        }
+    }
+    // Messages still held back (the run was cut short) go out last.
+    for (d, payload) in held.iter_mut().enumerate() {
+        if let Some(payload) = payload.take() {
+            if client
+                .publish(topics[d].as_str(), qos, false, payload)
+                .await
+                .is_ok()
+            {
+                summary.messages += 1;
+            }
         }
     }
     let mut result = Ok(());

@@ -54,6 +54,18 @@ struct Args {
     /// MQTT client id.
     #[arg(long, default_value = "firmware-sim")]
     client_id: String,
+    /// Share of messages published twice on purpose (0-1).
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+    /// Share of messages published after the device's next message (0-1).
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Share of messages replaced by malformed payloads (0-1).
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Keep the MQTT session across reconnects (clean session off).
+    #[arg(long)]
+    persistent: bool,
 }
 
 #[tokio::main]
@@ -76,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
         topic: a.topic,
         client_id: a.client_id,
         progress: true,
+        duplicate_rate: a.duplicates,
+        reorder_rate: a.reorder,
+        malformed_rate: a.malformed,
+        persistent: a.persistent,
     };
     let stop = CancellationToken::new();
     tokio::spawn({
@@ -87,12 +103,16 @@ async fn main() -> anyhow::Result<()> {
     });
     let summary = firmware_sim::run(&config, stop).await?;
     eprintln!(
-        "firmware-sim: published {} messages ({} readings) from {} devices in {:.1} s, {} acknowledged",
+        "firmware-sim: published {} messages ({} readings) from {} devices in {:.1} s, {} acknowledged; \
+         on purpose: {} duplicated, {} reordered, {} malformed",
         summary.messages,
         summary.readings,
         summary.devices,
         summary.elapsed.as_secs_f64(),
-        summary.acked
+        summary.acked,
+        summary.duplicates,
+        summary.reordered,
+        summary.malformed
     );
     println!("{}", summary.to_json());
     Ok(())

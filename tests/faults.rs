@@ -1,0 +1,388 @@
+//! Nothing lost, nothing duplicated, whatever fails: the database, the
+//! gateway process, the broker; duplicates, reordering and malformed input
+//! on purpose. Real PostgreSQL and mosquitto; exact counts at the end.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
+use edge_payload::Format;
+use firmware_sim::{ExpectedReading, SimConfig, Summary};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+fn spawn_sim(config: &SimConfig) -> JoinHandle<Summary> {
+    let config = config.clone();
+    tokio::spawn(async move {
+        firmware_sim::run(&config, CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", config.device_prefix))
+    })
+}
+
+fn paced(mut config: SimConfig, rate: f64, pack: usize) -> SimConfig {
+    config.rate = rate;
+    config.pack = pack;
+    config
+}
+
+/// Blocking work (stopping a server) without stalling the test's runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_for_20_s_mid_run_loses_and_duplicates_nothing() {
+    let mut pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let start_ms = now_ms() - 3_600_000;
+    // 2 formats x 10 devices x 2,500 samples x 2 metrics = 100,000 readings
+    // over about 40 s.
+    let native = paced(
+        sim(&broker.url(), Format::NativeCbor, 10, 2500, start_ms),
+        62.5,
+        5,
+    );
+    let senml = paced(
+        sim(&broker.url(), Format::SenmlCbor, 10, 2500, start_ms),
+        62.5,
+        5,
+    );
+    let runs = [spawn_sim(&native), spawn_sim(&senml)];
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    blocking(|| pg.stop());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    blocking(|| pg.restart()).expect("restart PostgreSQL");
+    let mut readings = 0;
+    for run in runs {
+        readings += run.await.expect("sim").readings;
+    }
+    assert_eq!(readings, 100_000);
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &native).await;
+    assert_landed(&client, &gateway, &senml).await;
+    let written = gateway
+        .metric("edge_gateway_spool_batches_written_total")
+        .unwrap_or(0.0);
+    assert!(
+        written > 0.0,
+        "the outage should have been spooled; log:\n{}",
+        gateway.log()
+    );
+    let replayed = wait_metric(
+        &gateway,
+        "edge_gateway_spool_batches_replayed_total",
+        written,
+    )
+    .await;
+    assert_eq!(replayed, written);
+}
+
+async fn wait_metric(gateway: &Gateway, name: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = gateway.metric(name).unwrap_or(-1.0);
+        if v >= want || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SenML packs as another client writes them: one device, absolute times,
+/// one pack per line for `mosquitto_pub -l`.
+fn senml_lines(count: usize, base_s: i64) -> (Vec<String>, Vec<ExpectedReading>) {
+    let mut lines = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..count {
+        let t = base_s + i as i64;
+        let (v, w) = (i as f64 * 0.5, i as f64 * 0.25);
+        lines.push(format!(
+            r#"[{{"bn":"ext:","bt":{t},"n":"temp","u":"Cel","v":{v}}},{{"n":"hum","u":"%RH","v":{w}}}]"#
+        ));
+        for (metric, value) in [("ext:temp", v), ("ext:hum", w)] {
+            expected.push(ExpectedReading {
+                device: "ext-0001".into(),
+                metric: metric.into(),
+                ts_ms: t * 1000,
+                value,
+            });
+        }
+    }
+    (lines, expected)
+}
+
+/// Feeds `lines` to `mosquitto_pub -l` (one message per line, QoS 1) over
+/// about `over`, in a thread.
+fn publish_lines(
+    port: u16,
+    topic: &str,
+    lines: Vec<String>,
+    over: Duration,
+) -> std::thread::JoinHandle<()> {
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let mut child = Command::new(exe)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                &topic,
+                "-l",
+            ])
+            .args(["-i", "ext-publisher", "--disable-clean-session"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub");
+        let pause = over / lines.len().max(1) as u32;
+        if let Some(stdin) = child.stdin.as_mut() {
+            for line in &lines {
+                writeln!(stdin, "{line}").expect("write to mosquitto_pub");
+                std::thread::sleep(pause);
+            }
+        }
+        drop(child.stdin.take());
+        assert!(child.wait().expect("mosquitto_pub exit").success());
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_with_sigkill_and_restarted_stores_everything_once() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let mut gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let start_ms = now_ms() - 3_600_000;
+    let native = paced(
+        sim(&broker.url(), Format::NativeJson, 10, 1000, start_ms),
+        100.0,
+        1,
+    );
+    let run = spawn_sim(&native);
+    let (lines, senml_expected) = senml_lines(1000, start_ms / 1000);
+    let publisher = publish_lines(
+        broker.port(),
+        "devices/ext-0001/telemetry",
+        lines,
+        Duration::from_secs(8),
+    );
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    gateway.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    blocking(|| gateway.spawn());
+
+    run.await.expect("sim");
+    blocking(|| publisher.join()).expect("mosquitto_pub thread");
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &native).await;
+    let got = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.readings WHERE device_id = 'ext-0001'",
+        senml_expected.len() as i64,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(got, senml_expected.len() as i64, "log:\n{}", gateway.log());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly(&client, "ext-", &senml_expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarted_mid_run_gateway_reconnects_and_loses_nothing() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let mut broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let start_ms = now_ms() - 3_600_000;
+    let mut config = paced(
+        sim(&broker.url(), Format::SenmlJson, 10, 600, start_ms),
+        100.0,
+        1,
+    );
+    config.persistent = true;
+    let run = spawn_sim(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    blocking(|| broker.restart()).expect("restart mosquitto");
+    run.await.expect("sim");
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &config).await;
+    assert!(
+        gateway
+            .metric("edge_gateway_mqtt_reconnects_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(gateway.metric("edge_gateway_mqtt_connected"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_out_of_order_messages_make_no_duplicate_rows() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let start_ms = now_ms() - 3_600_000;
+    let mut sent = 0;
+    let mut configs = Vec::new();
+    for format in [Format::NativeJson, Format::SenmlCbor] {
+        let mut config = sim(&broker.url(), format, 5, 400, start_ms);
+        config.duplicate_rate = 0.2;
+        config.reorder_rate = 0.2;
+        let summary = firmware_sim::run(&config, CancellationToken::new())
+            .await
+            .expect("sim");
+        assert!(summary.duplicates > 0 && summary.reordered > 0);
+        sent += summary.duplicates;
+        configs.push(config);
+    }
+    let client = db(&pg.url()).await;
+    for config in &configs {
+        assert_landed(&client, &gateway, config).await;
+    }
+    assert_eq!(
+        gateway.metric("edge_gateway_duplicates_total"),
+        Some(sent as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_percent_malformed_all_good_readings_stored_every_bad_one_dead_lettered() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let start_ms = now_ms() - 3_600_000;
+    let mut malformed = 0;
+    let mut configs = Vec::new();
+    for format in Format::ALL {
+        let mut config = sim(&broker.url(), format, 5, 200, start_ms);
+        config.malformed_rate = 0.1;
+        let summary = firmware_sim::run(&config, CancellationToken::new())
+            .await
+            .expect("sim");
+        malformed += summary.malformed as i64;
+        configs.push(config);
+    }
+    assert!(malformed > 200, "about 10% of 4,000 messages: {malformed}");
+    let client = db(&pg.url()).await;
+    for config in &configs {
+        assert_landed(&client, &gateway, config).await;
+    }
+    let dead = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.dead_letters",
+        malformed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(dead, malformed);
+    let reasons: Vec<String> = client
+        .query(
+            "SELECT DISTINCT reason FROM edge.dead_letters ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("reasons")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for reason in &reasons {
+        assert!(
+            [
+                "malformed_json",
+                "malformed_cbor",
+                "invalid_native",
+                "invalid_senml",
+                "unknown_shape"
+            ]
+            .contains(&reason.as_str()),
+            "{reason}"
+        );
+    }
+    assert!(reasons.len() >= 3, "{reasons:?}");
+    let empty: i64 = client
+        .query_one(
+            "SELECT count(*) FROM edge.dead_letters WHERE length(payload) = 0 OR error = ''",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    assert_eq!(empty, 0, "dead letters keep the payload and the error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_within_the_deadline_and_the_rest_resumes() {
+    let mut pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let extra = "[pipeline]\nshutdown_timeout_secs = 5\n";
+    let mut gateway = Gateway::start(&broker.url(), &pg.url(), extra);
+    let start_ms = now_ms() - 3_600_000;
+
+    // Database up: drain, commit, ack, exit.
+    let first = paced(
+        sim(&broker.url(), Format::NativeCbor, 10, 800, start_ms),
+        100.0,
+        1,
+    );
+    let run = spawn_sim(&first);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    assert!(
+        blocking(|| gateway.terminate(Duration::from_secs(8))),
+        "no clean exit; log:\n{}",
+        gateway.log()
+    );
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(7), "exit took {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    blocking(|| gateway.spawn());
+    run.await.expect("sim");
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &first).await;
+
+    // Database down: what cannot be committed goes to the spool, and the
+    // exit still comes within the deadline.
+    let mut second = paced(
+        sim(&broker.url(), Format::SenmlCbor, 10, 300, start_ms),
+        100.0,
+        1,
+    );
+    second.client_id = "sim-second".into();
+    let run = spawn_sim(&second);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    blocking(|| pg.stop());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    assert!(
+        blocking(|| gateway.terminate(Duration::from_secs(8))),
+        "no clean exit; log:\n{}",
+        gateway.log()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(7),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    let spooled = std::fs::read_dir(gateway.spool_dir().join("writer-0"))
+        .into_iter()
+        .chain(std::fs::read_dir(gateway.spool_dir().join("writer-1")))
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .count();
+    assert!(spooled > 0, "nothing was spooled; log:\n{}", gateway.log());
+    run.await.expect("sim");
+    blocking(|| pg.restart()).expect("restart PostgreSQL");
+    blocking(|| gateway.spawn());
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &first).await;
+    assert_landed(&client, &gateway, &second).await;
+}
