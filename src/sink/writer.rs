@@ -171,7 +171,7 @@ async fn commit(
         known = with_id
             .iter()
             .filter_map(|m| m.identity)
-            .filter(|id| !new.contains(&id.to_be_bytes().to_vec()))
+            .filter(|id| !new.contains(id.to_be_bytes().as_slice()))
             .collect();
         done.duplicates = known.len();
     }
