@@ -4,8 +4,9 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edge_gateway::config::PartitionInterval;
 use edge_gateway::decode::decode;
+use edge_gateway::sink::batch::encode_readings;
+use edge_gateway::sink::copy::RowBuffer;
 use edge_gateway::sink::partitions::Partitions;
-use edge_gateway::sink::Batch;
 use edge_payload::{Format, Sample};
 
 /// One message as a packing device sends it: 100 samples x 2 metrics.
@@ -45,9 +46,16 @@ fn bench_copy_encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(decoded.len() as u64));
     group.bench_function("readings", |b| {
         b.iter(|| {
-            let mut batch = Batch::new(decoded.len());
-            batch.push_readings("device-0001", std::hint::black_box(&decoded), &partitions);
-            batch.seal()
+            let mut rows = RowBuffer::new(decoded.len() * 64);
+            let mut seen = Vec::new();
+            encode_readings(
+                &mut rows,
+                "device-0001",
+                std::hint::black_box(&decoded),
+                &partitions,
+                &mut seen,
+            );
+            rows.finish()
         })
     });
     group.finish();
