@@ -112,7 +112,7 @@ pub struct Committed {
 /// Commits one batch in one transaction. With `isolate`, each message's
 /// rows go in under a savepoint and a message the database rejects becomes
 /// a dead letter instead of failing the batch.
-async fn commit(
+pub async fn commit(
     client: &mut Client,
     ctx: &WriterContext,
     batch: &SealedBatch,
