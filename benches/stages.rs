@@ -61,5 +61,51 @@ fn bench_copy_encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_copy_encode);
+/// The shard worker's duplicate check per message: a 128-bit hash of the
+/// payload plus a set insert (SenML), or a sequence window update (native).
+fn bench_dedup(c: &mut Criterion) {
+    use edge_gateway::shard::dedup::Dedup;
+    use std::sync::Arc;
+    let payload = edge_payload::encode(Format::SenmlCbor, 1, &samples(), &firmware_sim::unit_of);
+    let devices: Vec<Arc<str>> = (0..1000)
+        .map(|d| Arc::from(format!("dev-{d:04}").as_str()))
+        .collect();
+    let mut group = c.benchmark_group("dedup_check");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("senml_identity", |b| {
+        let mut dedup = Dedup::new(1_000_000, i64::MAX / 4);
+        let mut n = 0u64;
+        let mut payload = payload.clone();
+        b.iter(|| {
+            n += 1;
+            payload[..8].copy_from_slice(&n.to_le_bytes());
+            dedup.check(
+                &devices[(n % 1000) as usize],
+                None,
+                &payload,
+                false,
+                false,
+                n as i64,
+            )
+        })
+    });
+    group.bench_function("native_window", |b| {
+        let mut dedup = Dedup::new(1, 1);
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            dedup.check(
+                &devices[(n % 1000) as usize],
+                Some(n / 1000),
+                &[],
+                false,
+                false,
+                0,
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_copy_encode, bench_dedup);
 criterion_main!(benches);

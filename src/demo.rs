@@ -35,7 +35,7 @@ pub enum DemoError {
     Gateway(#[from] crate::pipeline::PipelineError),
     #[error("simulator: {0}")]
     Sim(#[from] firmware_sim::SimError),
-    #[error("database: {0}")]
+    #[error("database: {}", crate::sink::writer::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Other(String),

@@ -33,7 +33,7 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Mqtt(#[from] source::mqtt::MqttError),
-    #[error("database: {0}")]
+    #[error("database: {}", writer::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("spool.dir: {0}")]
     Spool(#[from] SpoolError),
@@ -143,7 +143,7 @@ pub async fn run_with_metrics(
         match migrate(&config, &partitions).await {
             Ok(()) => break,
             Err(PipelineError::Database(e)) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying");
+                tracing::warn!(error = %writer::describe(&e), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -390,7 +390,7 @@ async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: Cancella
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "partition maintenance failed; retrying later");
+            tracing::warn!(error = %writer::describe(&e), "partition maintenance failed; retrying later");
         }
     }
 }

@@ -386,3 +386,75 @@ async fn sigterm_under_load_exits_within_the_deadline_and_the_rest_resumes() {
     assert_landed(&client, &gateway, &first).await;
     assert_landed(&client, &gateway, &second).await;
 }
+
+/// A row PostgreSQL rejects for good (here a CHECK constraint an operator
+/// added) does not block the pipeline: only its message becomes a dead
+/// letter, everything else in its batch is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_database_rejects_become_dead_letters_without_blocking() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), "");
+    let client = db(&pg.url()).await;
+    client
+        .batch_execute("ALTER TABLE edge.readings ADD CONSTRAINT plausible CHECK (value IS NULL OR value < 1000)")
+        .await
+        .expect("add constraint");
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let ts = now_ms() - 60_000;
+    let mut lines = Vec::new();
+    for i in 0..200 {
+        let value = if i % 10 == 3 { 5000.0 } else { i as f64 };
+        lines.push(format!(
+            r#"{{"seq":{},"ts":{},"m":{{"level":{value}}}}}"#,
+            i + 1,
+            ts + i
+        ));
+    }
+    let mut child = Command::new(exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "devices/tank-1/telemetry", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all((lines.join("\n") + "\n").as_bytes())
+            .expect("write");
+    }
+    assert!(blocking(|| child.wait()).expect("mosquitto_pub").success());
+    let stored = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.readings",
+        180,
+        Duration::from_secs(30),
+    )
+    .await;
+    let dead = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.dead_letters WHERE reason = 'rejected_by_database'",
+        20,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!((stored, dead), (180, 20), "log:\n{}", gateway.log());
+    let max: f64 = client
+        .query_one("SELECT max(value) FROM edge.readings", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1.0);
+    assert_eq!(max, 199.0);
+    let error: String = client
+        .query_one("SELECT error FROM edge.dead_letters LIMIT 1", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    assert!(error.contains("plausible"), "{error}");
+}

@@ -60,7 +60,7 @@ pub struct WriterContext {
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -82,12 +82,38 @@ pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgr
     Ok(client)
 }
 
-/// True for errors that retrying the same rows cannot fix.
+/// The server's own words for a database error (SQLSTATE, message,
+/// detail), where `Display` of the error would only say "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} {}", db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => e.to_string(),
+    }
+}
+
+/// True for "no partition of relation ... found for row" (SQLSTATE 23514,
+/// shared with CHECK violations): transient, the partition gets created.
+fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::CHECK_VIOLATION
+            && db.message().starts_with("no partition of relation")
+    })
+}
+
+/// True for errors that retrying the same rows cannot fix: data exceptions
+/// (class 22) and integrity violations (class 23), such as a CHECK
+/// constraint an operator added.
 fn is_permanent(e: &tokio_postgres::Error) -> bool {
     let Some(code) = e.code() else { return false };
-    // 23514 is also "no partition for row": transient, the partition is made.
     let class = &code.code()[..2];
-    (class == "22" || class == "23") && code != &SqlState::CHECK_VIOLATION
+    (class == "22" || class == "23") && !is_missing_partition(e)
 }
 
 async fn copy(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, tokio_postgres::Error> {
@@ -203,7 +229,7 @@ pub async fn commit(
                         m.device.as_deref(),
                         &m.payload,
                         reason,
-                        &e.to_string(),
+                        &describe(&e),
                     );
                     done.rejected += 1;
                 }
@@ -286,7 +312,7 @@ impl Writer {
             };
             let result = match commit(&mut client, &ctx, batch, false).await {
                 Err(e) if is_permanent(&e) => {
-                    tracing::warn!(writer = id, error = %e, "batch rejected; retrying message by message");
+                    tracing::warn!(writer = id, error = %describe(&e), "batch rejected; retrying message by message");
                     commit(&mut client, &ctx, batch, true).await
                 }
                 other => other,
@@ -304,7 +330,7 @@ impl Writer {
         let done = match result {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
-                if e.code() == Some(&SqlState::CHECK_VIOLATION) {
+                if is_missing_partition(&e) {
                     // A partition was dropped behind the cache.
                     ctx.partitions.forget(&batch.partitions);
                 }
