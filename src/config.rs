@@ -208,8 +208,9 @@ pub struct SpoolConfig {
     /// Directory of the spool (one subdirectory per writer). Must be on a
     /// disk that survives restarts.
     pub dir: String,
-    /// Upper bound of the spool in bytes, over all writers; when full,
-    /// intake stops until the database takes batches again.
+    /// Upper bound of the spool in bytes, over all writers (an empty spool
+    /// still takes one batch larger than its share); when full, intake
+    /// stops until the database takes batches again.
     pub max_bytes: u64,
     /// Size at which a new segment file is started, in bytes.
     pub segment_bytes: u64,

@@ -458,3 +458,40 @@ async fn rows_the_database_rejects_become_dead_letters_without_blocking() {
         .unwrap_or_default();
     assert!(error.contains("plausible"), "{error}");
 }
+
+/// A full spool stops intake instead of dropping: with a tiny spool and
+/// the database down, messages wait at the broker; when the database
+/// returns, every one lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_stops_intake_and_loses_nothing() {
+    let mut pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let max_bytes = 256 * 1024;
+    let extra = format!(
+        "[spool]\nmax_bytes = {max_bytes}\nsegment_bytes = 32768\n[database]\nbatch_rows = 200\n"
+    );
+    let gateway = Gateway::start(&broker.url(), &pg.url(), &extra);
+    blocking(|| pg.stop());
+    let start_ms = now_ms() - 3_600_000;
+    let config = sim(&broker.url(), Format::NativeCbor, 10, 3000, start_ms);
+    let summary = firmware_sim::run(&config, CancellationToken::new())
+        .await
+        .expect("sim");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = gateway
+        .metric("edge_gateway_messages_received_total")
+        .unwrap_or(0.0);
+    let spool_bytes = gateway.metric("edge_gateway_spool_bytes").unwrap_or(0.0);
+    assert!(
+        spool_bytes > 0.0 && spool_bytes <= max_bytes as f64,
+        "spool bytes {spool_bytes}"
+    );
+    assert!(
+        received < summary.messages as f64,
+        "intake should have stopped with the spool full: received {received} of {}",
+        summary.messages
+    );
+    blocking(|| pg.restart()).expect("restart PostgreSQL");
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &config).await;
+}
