@@ -43,7 +43,9 @@ impl<'de> Deserialize<'de> for Metrics {
                 f.write_str("a map of metric names to numbers")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metrics, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                // The length comes from the payload: never trust it for an
+                // allocation (a CBOR header may claim 2^64 entries).
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4).min(256));
                 while let Some((name, value)) = map.next_entry::<String, f64>()? {
                     out.push((name, value));
                 }

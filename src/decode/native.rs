@@ -151,6 +151,25 @@ mod tests {
         );
     }
 
+    /// Found by fuzzing: a CBOR map header claiming an enormous length made
+    /// the decoder try to allocate for it and panic.
+    #[test]
+    fn huge_declared_lengths_are_errors_not_panics() {
+        let crash = [
+            0x52, 0xd9, 0xd9, 0xf7, 0xbf, 0x61, 0x6d, 0xbb, 0x61, 0x6d, 0xc8, 0xc8, 0x00, 0x04,
+            0x1f, 0x5f,
+        ];
+        assert!(decode_any(&crash[1..], None, 0).is_err());
+        // {"m": map of 2^63 entries} without the entries.
+        let claim = [
+            0xa1, 0x61, b'm', 0xbb, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        assert!(decode_any(&claim, None, 0).is_err());
+        // [ array of 2^63 records ] (SenML) likewise.
+        let records = [0x9b, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode_any(&records, None, 0).is_err());
+    }
+
     #[test]
     fn shape_errors() {
         for bad in [
