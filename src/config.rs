@@ -430,12 +430,7 @@ impl Config {
                 "expected postgresql://user@host:port/db or key=value pairs",
             ));
         }
-        d.url.parse::<tokio_postgres::Config>().map_err(|e| {
-            invalid(
-                "database.url",
-                format!("not a valid connection string: {e}"),
-            )
-        })?;
+        self.pg_config()?;
         if !valid_identifier(&d.schema) {
             return Err(invalid(
                 "database.schema",
@@ -561,6 +556,28 @@ impl Config {
                     .map_err(|reason| invalid(&format!("mqtt.topics[{i}]"), reason))
             })
             .collect()
+    }
+
+    /// The connection settings from `database.url`, with a 5 s connect
+    /// timeout unless the URL sets one (a host that drops packets must fail
+    /// fast, so batches go to the spool) and `application_name` edge-gateway.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for `database.url`.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut pg: tokio_postgres::Config = self.database.url.parse().map_err(|e| {
+            invalid(
+                "database.url",
+                format!("not a valid connection string: {e}"),
+            )
+        })?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(5));
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("edge-gateway");
+        }
+        Ok(pg)
     }
 
     /// Shard count with `0` resolved to the number of cores.

@@ -160,7 +160,9 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
     }
 
     println!("demo: published {published} readings; read back from PostgreSQL:");
-    let pg_config: tokio_postgres::Config = config.database.url.parse()?;
+    let pg_config = config
+        .pg_config()
+        .map_err(|e| DemoError::Other(e.to_string()))?;
     let client = crate::sink::writer::connect(&pg_config).await?;
     let rows = client
         .query(

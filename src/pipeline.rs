@@ -45,15 +45,7 @@ pub enum PipelineError {
 /// # Errors
 /// Any database error.
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
-    let pg: tokio_postgres::Config =
-        config
-            .database
-            .url
-            .parse()
-            .map_err(|e| crate::config::ConfigError::Invalid {
-                key: "database.url".into(),
-                reason: format!("{e}"),
-            })?;
+    let pg = config.pg_config()?;
     let mut client = writer::connect(&pg).await?;
     schema::create(&mut client, &config.database.schema).await?;
     maintain(&mut client, config, partitions).await?;
@@ -155,7 +147,7 @@ pub async fn run_with_metrics(
     }
     metrics.db_connected.store(true, Relaxed);
 
-    let pg: tokio_postgres::Config = config.database.url.parse()?;
+    let pg = config.pg_config()?;
     let router = Arc::new(Router::new(
         config.shard_count(),
         config.pipeline.ring_capacity,
@@ -376,6 +368,9 @@ async fn load_dedup(
 
 /// Creates partitions ahead and drops expired ones every ten minutes.
 async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: CancellationToken) {
+    let Ok(pg) = config.pg_config() else {
+        return; // validated at start
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     tick.tick().await;
     loop {
@@ -384,7 +379,6 @@ async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: Cancella
             _ = tick.tick() => {}
         }
         let result = async {
-            let pg: tokio_postgres::Config = config.database.url.parse()?;
             let mut client = writer::connect(&pg).await?;
             maintain(&mut client, &config, &partitions).await
         }
