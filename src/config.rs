@@ -48,6 +48,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub spool: SpoolConfig,
     pub dedup: DedupConfig,
+    pub anomaly: crate::analytics::anomaly::AnomalyConfig,
     pub http: HttpConfig,
 }
 

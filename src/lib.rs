@@ -6,6 +6,7 @@ pub mod demo;
 pub mod local;
 pub mod model;
 pub mod pipeline;
+pub mod replay;
 pub mod shard;
 pub mod sink;
 pub mod source;

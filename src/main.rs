@@ -41,6 +41,17 @@ enum Command {
         #[arg(long, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
+    /// Run the detector offline over timestamp,value rows; write
+    /// timestamp,value,anomaly_score per row.
+    Replay {
+        /// Optional: the detector settings come from its [anomaly] table.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Validate the configuration and print the effective one (secrets masked).
     CheckConfig {
         #[arg(long, default_value = "config/gateway.toml")]
@@ -116,6 +127,21 @@ async fn main() -> anyhow::Result<()> {
             );
             edge_gateway::pipeline::migrate(&config, &partitions).await?;
             println!("schema {} is up to date", config.database.schema);
+        }
+        Command::Replay {
+            config,
+            input,
+            output,
+        } => {
+            let config = match config {
+                Some(path) => load(&path)?,
+                None => Config::default(),
+            };
+            let stats = edge_gateway::replay::run(&config, &input, &output)?;
+            eprintln!(
+                "replay: {} rows, highest score {:.3}",
+                stats.rows, stats.max_score
+            );
         }
         Command::CheckConfig { config } => {
             let config = load(&config)?;

@@ -143,3 +143,73 @@ fn migrate_creates_schema_and_partitions() {
         assert_eq!(partitions, 5, "{tables:?}");
     });
 }
+
+#[test]
+fn replay_scores_every_row_and_the_spike_highest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("in.csv");
+    let output = dir.path().join("out.csv");
+    let mut csv = String::from("timestamp,value\n");
+    for i in 0..3000 {
+        let v = if i == 2500 {
+            80.0
+        } else {
+            20.0 + ((i * 37) % 10) as f64 * 0.1
+        };
+        csv.push_str(&format!(
+            "2024-01-01 {:02}:{:02}:{:02},{v}\n",
+            i / 3600,
+            i / 60 % 60,
+            i % 60
+        ));
+    }
+    std::fs::write(&input, csv).expect("write input");
+    let out = gateway(
+        &[
+            "replay",
+            "--input",
+            &input.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&output).expect("output");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("timestamp,value,anomaly_score"));
+    let rows: Vec<(String, f64)> = lines
+        .map(|l| {
+            let cols: Vec<&str> = l.split(',').collect();
+            (cols[0].to_string(), cols[2].parse().expect("score"))
+        })
+        .collect();
+    assert_eq!(rows.len(), 3000);
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.1)));
+    let top = rows
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+        .map(|(i, _)| i);
+    assert_eq!(top, Some(2500), "the spike scores highest");
+    assert_eq!(rows[2500].0, "2024-01-01 00:41:40");
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "timestamp,value\n2024-01-01 00:00:00,abc\n").expect("write");
+    let out = gateway(
+        &[
+            "replay",
+            "--input",
+            &bad.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}

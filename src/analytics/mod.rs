@@ -3,4 +3,5 @@
 //! [`rules`], and streaming [`anomaly`] detection. No I/O: the same code
 //! runs in the pipeline, in `replay` and in the benches.
 
+pub mod anomaly;
 pub mod window;
