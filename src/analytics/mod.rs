@@ -4,4 +4,5 @@
 //! runs in the pipeline, in `replay` and in the benches.
 
 pub mod anomaly;
+pub mod rules;
 pub mod window;
