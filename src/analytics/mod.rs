@@ -4,5 +4,6 @@
 //! runs in the pipeline, in `replay` and in the benches.
 
 pub mod anomaly;
+pub mod engine;
 pub mod rules;
 pub mod window;

@@ -1,0 +1,506 @@
+//! The analytics a shard worker runs for its devices: per series a reorder
+//! buffer, sliding windows, the anomaly detector and the rules; per device
+//! silence and sequence rules; one-minute rollups. Pure state and values,
+//! no I/O: alerts and rollups come out as rows for the batch.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::anomaly::{AnomalyConfig, Detector};
+use super::rules::{Kind, RuleConfig, RuleState, Sequence, Silence, Transition};
+use super::window::{Reorder, Window};
+use crate::model::{Micros, MICROS_PER_SEC};
+
+/// `[analytics]`: what the shard workers compute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsConfig {
+    /// Turn edge analytics off entirely (readings are still stored).
+    pub enabled: bool,
+    /// Sliding windows per series, in seconds; their statistics go into
+    /// each alert's detail.
+    pub windows_secs: Vec<u64>,
+    /// Most readings a window keeps (bounds memory per series).
+    pub window_cap: usize,
+    /// Readings up to this many seconds out of order are put back in
+    /// order; later ones are stored but kept out of the analytics.
+    pub lateness_secs: f64,
+    /// Write one-minute rollups (count, min, max, avg) per series.
+    pub rollups: bool,
+    /// PostgreSQL NOTIFY channel for alerts ("" = none).
+    pub notify_channel: String,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        AnalyticsConfig {
+            enabled: true,
+            windows_secs: vec![10, 60, 300],
+            window_cap: 512,
+            lateness_secs: 2.0,
+            rollups: true,
+            notify_channel: "edge_alerts".into(),
+        }
+    }
+}
+
+/// One alert transition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub time: Micros,
+    pub device: Arc<str>,
+    pub metric: String,
+    pub rule: String,
+    /// "raised" or "cleared".
+    pub state: &'static str,
+    pub value: Option<f64>,
+    /// JSON object with context (window statistics, score, ...).
+    pub detail: String,
+}
+
+impl Alert {
+    /// The JSON sent on NOTIFY and MQTT.
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(160 + self.detail.len());
+        let _ = write!(
+            s,
+            "{{\"time\":\"{}\",\"device_id\":{},\"metric\":{},\"rule\":{},\"state\":\"{}\",\"value\":{},\"detail\":{}}}",
+            crate::model::format_rfc3339(self.time),
+            json_string(&self.device),
+            json_string(&self.metric),
+            json_string(&self.rule),
+            self.state,
+            self.value.filter(|v| v.is_finite()).map_or("null".to_string(), |v| v.to_string()),
+            self.detail
+        );
+        s
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// One finished one-minute bucket of a series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub bucket: Micros,
+    pub device: Arc<str>,
+    pub metric: String,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+/// What analytics produced for a batch.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub alerts: Vec<Alert>,
+    pub rollups: Vec<Rollup>,
+    /// Readings that came later than the lateness allows.
+    pub late: u64,
+}
+
+struct Series {
+    reorder: Reorder,
+    windows: Vec<Window>,
+    detector: Detector,
+    rules: Vec<(usize, RuleState)>,
+    bucket: Option<Rollup>,
+}
+
+struct DeviceState {
+    series: HashMap<String, Series>,
+    silence: Vec<(usize, Silence)>,
+    sequences: Vec<(usize, Sequence)>,
+}
+
+const MINUTE: Micros = 60 * MICROS_PER_SEC;
+
+/// A worker's analytics for all its devices.
+pub struct Analytics {
+    config: Arc<AnalyticsConfig>,
+    anomaly: AnomalyConfig,
+    rules: Arc<Vec<RuleConfig>>,
+    devices: HashMap<Arc<str>, DeviceState>,
+}
+
+impl Analytics {
+    pub fn new(
+        config: Arc<AnalyticsConfig>,
+        anomaly: AnomalyConfig,
+        rules: Arc<Vec<RuleConfig>>,
+    ) -> Analytics {
+        Analytics {
+            config,
+            anomaly,
+            rules,
+            devices: HashMap::new(),
+        }
+    }
+
+    /// Series tracked.
+    pub fn series(&self) -> usize {
+        self.devices.values().map(|d| d.series.len()).sum()
+    }
+
+    fn device(&mut self, device: &Arc<str>) -> &mut DeviceState {
+        let rules = &self.rules;
+        self.devices
+            .entry(device.clone())
+            .or_insert_with(|| DeviceState {
+                series: HashMap::new(),
+                silence: rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| {
+                        r.kind == Kind::Silence && super::rules::glob(&r.devices, device)
+                    })
+                    .map(|(i, _)| (i, Silence::default()))
+                    .collect(),
+                sequences: rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| {
+                        r.kind == Kind::Sequence && super::rules::glob(&r.devices, device)
+                    })
+                    .map(|(i, _)| (i, Sequence::default()))
+                    .collect(),
+            })
+    }
+
+    /// One numeric reading of `metric` from `device` at `t`, received at
+    /// `now` (silence is about arrival, not reading time).
+    pub fn observe(
+        &mut self,
+        device: &Arc<str>,
+        metric: &str,
+        t: Micros,
+        v: f64,
+        now: Micros,
+        out: &mut Outputs,
+    ) {
+        if !self.config.enabled {
+            return;
+        }
+        let config = self.config.clone();
+        let anomaly = self.anomaly.clone();
+        let rules = self.rules.clone();
+        let state = self.device(device);
+        for (i, s) in &mut state.silence {
+            if let Some(tr) = s.seen(now) {
+                out.alerts.push(alert(
+                    now,
+                    device,
+                    "",
+                    &rules[*i].name,
+                    tr,
+                    None,
+                    "{}".into(),
+                ));
+            }
+        }
+        let series = match state.series.get_mut(metric) {
+            Some(s) => s,
+            None => state
+                .series
+                .entry(metric.to_string())
+                .or_insert_with(|| Series {
+                    reorder: Reorder::new((config.lateness_secs * MICROS_PER_SEC as f64) as Micros),
+                    windows: config
+                        .windows_secs
+                        .iter()
+                        .map(|&s| Window::new(s as Micros * MICROS_PER_SEC, config.window_cap))
+                        .collect(),
+                    detector: Detector::new(anomaly.clone()),
+                    rules: rules
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.applies(device, metric))
+                        .map(|(i, _)| (i, RuleState::default()))
+                        .collect(),
+                    bucket: None,
+                }),
+        };
+        if !series.reorder.push(t, v) {
+            out.late += 1;
+            return;
+        }
+        let mut released = Vec::new();
+        series.reorder.release(|t, v| released.push((t, v)));
+        let mut raised = Vec::new();
+        for (t, v) in released {
+            step(
+                series,
+                device,
+                metric,
+                t,
+                v,
+                &rules,
+                config.rollups,
+                out,
+                &mut raised,
+            );
+        }
+        for (name, t) in raised {
+            for (i, seq) in &mut state.sequences {
+                let rule = &rules[*i];
+                if seq.raised(rule, &name, t) {
+                    let detail = format!(
+                        "{{\"first\":{},\"then\":{}}}",
+                        json_string(rule.first.as_deref().unwrap_or("")),
+                        json_string(&name)
+                    );
+                    out.alerts.push(alert(
+                        t,
+                        device,
+                        metric,
+                        &rule.name,
+                        Transition::Raised,
+                        None,
+                        detail.clone(),
+                    ));
+                    out.alerts.push(alert(
+                        t,
+                        device,
+                        metric,
+                        &rule.name,
+                        Transition::Cleared,
+                        None,
+                        detail,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A clock tick: silence rules.
+    pub fn tick(&mut self, now: Micros, out: &mut Outputs) {
+        for (device, state) in &mut self.devices {
+            for (i, s) in &mut state.silence {
+                let rule = &self.rules[*i];
+                if let Some(tr) = s.tick(rule, now) {
+                    let detail = format!("{{\"silent_for_secs\":{}}}", rule.for_secs);
+                    out.alerts
+                        .push(alert(now, device, "", &rule.name, tr, None, detail));
+                }
+            }
+        }
+    }
+}
+
+fn alert(
+    time: Micros,
+    device: &Arc<str>,
+    metric: &str,
+    rule: &str,
+    tr: Transition,
+    value: Option<f64>,
+    detail: String,
+) -> Alert {
+    Alert {
+        time,
+        device: device.clone(),
+        metric: metric.to_string(),
+        rule: rule.to_string(),
+        state: tr.as_str(),
+        value,
+        detail,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step(
+    series: &mut Series,
+    device: &Arc<str>,
+    metric: &str,
+    t: Micros,
+    v: f64,
+    rules: &[RuleConfig],
+    rollups: bool,
+    out: &mut Outputs,
+    raised: &mut Vec<(String, Micros)>,
+) {
+    for w in &mut series.windows {
+        w.push(t, v);
+    }
+    let score = series.detector.update(v);
+    for (i, state) in &mut series.rules {
+        let rule = &rules[*i];
+        if let Some(tr) = state.update(rule, t, v, score) {
+            let mut detail = format!("{{\"score\":{score:.4}");
+            for w in &series.windows {
+                if let Some(s) = w.stats() {
+                    let _ = write!(
+                        detail,
+                        ",\"window_{}s\":{{\"count\":{},\"mean\":{},\"min\":{},\"max\":{},\"std\":{}}}",
+                        w.duration() / MICROS_PER_SEC,
+                        s.count,
+                        finite(s.mean),
+                        finite(s.min),
+                        finite(s.max),
+                        finite(s.std)
+                    );
+                }
+            }
+            detail.push('}');
+            if tr == Transition::Raised {
+                raised.push((rule.name.clone(), t));
+            }
+            out.alerts
+                .push(alert(t, device, metric, &rule.name, tr, Some(v), detail));
+        }
+    }
+    if rollups {
+        let bucket = t.div_euclid(MINUTE) * MINUTE;
+        match &mut series.bucket {
+            Some(b) if b.bucket == bucket => {
+                b.count += 1;
+                b.min = b.min.min(v);
+                b.max = b.max.max(v);
+                b.sum += v;
+            }
+            current => {
+                if let Some(done) = current.take() {
+                    out.rollups.push(done);
+                }
+                *current = Some(Rollup {
+                    bucket,
+                    device: device.clone(),
+                    metric: metric.to_string(),
+                    count: 1,
+                    min: v,
+                    max: v,
+                    sum: v,
+                });
+            }
+        }
+    }
+}
+
+fn finite(v: f64) -> String {
+    if v.is_finite() {
+        v.to_string()
+    } else {
+        "null".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Arc<Vec<RuleConfig>> {
+        let text = r#"
+            [[rules]]
+            name = "hot"
+            kind = "above"
+            metric = "temp*"
+            threshold = 30.0
+            clear = 28.0
+            [[rules]]
+            name = "quiet"
+            kind = "silence"
+            for_secs = 60.0
+            [[rules]]
+            name = "hot_then_cold"
+            kind = "sequence"
+            first = "hot"
+            then = "cold"
+            within_secs = 120.0
+            [[rules]]
+            name = "cold"
+            kind = "below"
+            metric = "temp*"
+            threshold = 10.0
+        "#;
+        #[derive(Deserialize)]
+        struct R {
+            rules: Vec<RuleConfig>,
+        }
+        Arc::new(
+            toml::from_str::<R>(text)
+                .map(|r| r.rules)
+                .unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn alerts_rollups_silence_and_sequence() {
+        let config = AnalyticsConfig {
+            lateness_secs: 0.0,
+            ..AnalyticsConfig::default()
+        };
+        let mut a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
+        let dev: Arc<str> = Arc::from("d1");
+        let mut out = Outputs::default();
+        let s = MICROS_PER_SEC;
+        for (i, v) in [20.0, 31.0, 32.0, 29.0, 27.0, 5.0, 20.0].iter().enumerate() {
+            a.observe(
+                &dev,
+                "temperature",
+                i as i64 * 20 * s,
+                *v,
+                i as i64 * 20 * s,
+                &mut out,
+            );
+        }
+        let got: Vec<(&str, &str)> = out
+            .alerts
+            .iter()
+            .map(|x| (x.rule.as_str(), x.state))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("hot", "raised"),
+                ("hot", "cleared"),
+                ("cold", "raised"),
+                ("hot_then_cold", "raised"),
+                ("hot_then_cold", "cleared"),
+                ("cold", "cleared"),
+            ]
+        );
+        assert!(out.alerts[0].detail.contains("\"window_60s\""));
+        // Two finished minutes: [0, 60) and [60, 120).
+        assert_eq!(out.rollups.len(), 2);
+        assert_eq!((out.rollups[0].count, out.rollups[0].max), (3, 32.0));
+        let mut quiet = Outputs::default();
+        a.tick(6 * 20 * s + 61 * s, &mut quiet);
+        assert_eq!(
+            quiet
+                .alerts
+                .iter()
+                .map(|x| (x.rule.as_str(), x.state))
+                .collect::<Vec<_>>(),
+            vec![("quiet", "raised")]
+        );
+        let json = out.alerts[0].to_json();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn late_readings_are_counted_and_kept_out() {
+        let mut a = Analytics::new(
+            Arc::new(AnalyticsConfig::default()),
+            AnomalyConfig::default(),
+            rules(),
+        );
+        let dev: Arc<str> = Arc::from("d1");
+        let mut out = Outputs::default();
+        let s = MICROS_PER_SEC;
+        a.observe(&dev, "temperature", 100 * s, 20.0, 0, &mut out);
+        a.observe(&dev, "temperature", 99 * s, 20.0, 0, &mut out);
+        a.observe(&dev, "temperature", 110 * s, 20.0, 0, &mut out);
+        a.observe(&dev, "temperature", 50 * s, 99.0, 0, &mut out);
+        assert_eq!(out.late, 1);
+        assert!(out.alerts.is_empty());
+    }
+}
