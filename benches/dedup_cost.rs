@@ -122,6 +122,8 @@ fn main() {
             metrics: Arc::new(Metrics::default()),
             retry_min: Duration::from_millis(100),
             shutdown: CancellationToken::new(),
+            notify_channel: String::new(),
+            alerts: None,
         };
 
         let mut results = Vec::new();

@@ -48,8 +48,11 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub spool: SpoolConfig,
     pub dedup: DedupConfig,
+    pub analytics: crate::analytics::engine::AnalyticsConfig,
     pub anomaly: crate::analytics::anomaly::AnomalyConfig,
     pub http: HttpConfig,
+    /// `[[rules]]`: alert rules (see `config/rules.example.toml`).
+    pub rules: Vec<crate::analytics::rules::RuleConfig>,
 }
 
 /// MQTT protocol version spoken to the broker.
@@ -487,6 +490,34 @@ impl Config {
         if self.dedup.max_identities == 0 {
             return Err(invalid("dedup.max_identities", "must be at least 1"));
         }
+        let a = &self.analytics;
+        if a.window_cap == 0 || a.window_cap > 1 << 20 {
+            return Err(invalid("analytics.window_cap", "must be 1 to 1048576"));
+        }
+        if a.windows_secs.contains(&0) {
+            return Err(invalid(
+                "analytics.windows_secs",
+                "windows must be at least 1 second",
+            ));
+        }
+        if !(a.lateness_secs >= 0.0 && a.lateness_secs <= 3600.0) {
+            return Err(invalid("analytics.lateness_secs", "must be 0 to 3600"));
+        }
+        if !a.notify_channel.is_empty() && !valid_identifier(&a.notify_channel) {
+            return Err(invalid(
+                "analytics.notify_channel",
+                "must be a lower-case identifier or empty",
+            ));
+        }
+        let names: Vec<&str> = self.rules.iter().map(|r| r.name.as_str()).collect();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let key = format!("rules[{i}] ({})", rule.name);
+            rule.validate(&names)
+                .map_err(|reason| invalid(&key, reason))?;
+            if names.iter().filter(|n| **n == rule.name).count() > 1 {
+                return Err(invalid(&key, "rule names must be unique"));
+            }
+        }
         if !self.http.addr.is_empty() && self.http.addr.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "http.addr",
@@ -676,6 +707,23 @@ mod tests {
                     "config/gateway.toml lacks {section}.{key}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn example_rules_are_valid() {
+        let text = include_str!("../config/rules.example.toml");
+        let config = Config::from_toml(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.rules.len(), 7);
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
+        let mut bad = config.clone();
+        bad.rules[0].clear = Some(90.0);
+        match bad.validate() {
+            Err(ConfigError::Invalid { key, reason }) => {
+                assert_eq!(key, "rules[0] (overheat)");
+                assert!(reason.contains("hysteresis"), "{reason}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -160,14 +160,15 @@ pub async fn run_with_metrics(
     replay_orphan_spools(&config, writers, &pg, &partitions, &metrics).await?;
 
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let ctx = Arc::new(writer::WriterContext {
-        pg: pg.clone(),
-        schema: config.database.schema.clone(),
-        partitions: partitions.clone(),
-        metrics: metrics.clone(),
-        retry_min: Duration::from_millis(config.database.retry_min_ms),
-        shutdown: shutdown.clone(),
-    });
+    let (alert_tx, alert_rx) = mpsc::unbounded_channel();
+    let ctx = writer_context(
+        &config,
+        &pg,
+        &partitions,
+        &metrics,
+        shutdown.clone(),
+        Some(alert_tx),
+    );
     let mut queues = Vec::with_capacity(writers);
     for (id, spool) in spools.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
@@ -177,6 +178,8 @@ pub async fn run_with_metrics(
     drop(done_tx);
     let worker_config = WorkerConfig::from_config(&config);
     let ids = Arc::new(BatchIds::new());
+    let analytics_config = Arc::new(config.analytics.clone());
+    let rules = Arc::new(config.rules.clone());
     for ((i, shard), dedup) in router.shards().iter().enumerate().zip(dedups) {
         let worker = Worker::new(
             shard.clone(),
@@ -186,7 +189,12 @@ pub async fn run_with_metrics(
             queues[i % writers].clone(),
             dedup,
             ids.clone(),
-        );
+        )
+        .with_analytics(crate::analytics::engine::Analytics::new(
+            analytics_config.clone(),
+            config.anomaly.clone(),
+            rules.clone(),
+        ));
         tokio::spawn(worker.run());
     }
     drop(queues);
@@ -220,7 +228,16 @@ pub async fn run_with_metrics(
         let shutdown = shutdown.clone();
         async move {
             source::run_intake(
-                &config, client, event_rx, router, done_rx, metrics, shutdown,
+                &config,
+                client,
+                source::IntakeInputs {
+                    events: event_rx,
+                    done: done_rx,
+                    alerts: alert_rx,
+                },
+                router,
+                metrics,
+                shutdown,
             )
             .await;
         }
@@ -240,6 +257,26 @@ pub async fn run_with_metrics(
         ),
     }
     Ok(())
+}
+
+fn writer_context(
+    config: &Config,
+    pg: &tokio_postgres::Config,
+    partitions: &Arc<Partitions>,
+    metrics: &Arc<Metrics>,
+    shutdown: CancellationToken,
+    alerts: Option<mpsc::UnboundedSender<(Arc<str>, String)>>,
+) -> Arc<writer::WriterContext> {
+    Arc::new(writer::WriterContext {
+        pg: pg.clone(),
+        schema: config.database.schema.clone(),
+        partitions: partitions.clone(),
+        metrics: metrics.clone(),
+        retry_min: Duration::from_millis(config.database.retry_min_ms),
+        shutdown,
+        notify_channel: config.analytics.notify_channel.clone(),
+        alerts,
+    })
 }
 
 fn spool_dir(config: &Config, writer: usize) -> std::path::PathBuf {
@@ -287,14 +324,14 @@ async fn replay_orphan_spools(
                 batches = spool.pending(),
                 "replaying the spool of a former writer"
             );
-            let ctx = Arc::new(writer::WriterContext {
-                pg: pg.clone(),
-                schema: config.database.schema.clone(),
-                partitions: partitions.clone(),
-                metrics: metrics.clone(),
-                retry_min: Duration::from_millis(config.database.retry_min_ms),
-                shutdown: CancellationToken::new(),
-            });
+            let ctx = writer_context(
+                config,
+                pg,
+                partitions,
+                metrics,
+                CancellationToken::new(),
+                None,
+            );
             let (tx, rx) = mpsc::channel(1);
             drop(tx);
             let (done, _) = mpsc::unbounded_channel();

@@ -32,6 +32,9 @@ pub struct AnalyticsConfig {
     pub rollups: bool,
     /// PostgreSQL NOTIFY channel for alerts ("" = none).
     pub notify_channel: String,
+    /// Alerts are published (QoS 1, after commit) to this prefix followed
+    /// by the device id ("" = none).
+    pub alert_topic_prefix: String,
 }
 
 impl Default for AnalyticsConfig {
@@ -43,6 +46,7 @@ impl Default for AnalyticsConfig {
             lateness_secs: 2.0,
             rollups: true,
             notify_channel: "edge_alerts".into(),
+            alert_topic_prefix: "alerts/".into(),
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::dedup::{Dedup, Verdict};
 use super::Shard;
+use crate::analytics::engine::{Analytics, Outputs};
 use crate::decode::decode;
 use crate::model::{Message, Micros, MICROS_PER_SEC};
 use crate::sink::batch::BatchId;
@@ -41,6 +42,14 @@ impl WorkerConfig {
             max_future: config.pipeline.max_future_skew_secs as i64 * MICROS_PER_SEC,
             max_past: i64::from(config.database.retention_days) * crate::model::MICROS_PER_DAY,
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -79,6 +88,8 @@ pub struct Worker {
     out: mpsc::Sender<SealedBatch>,
     dedup: Dedup,
     ids: Arc<BatchIds>,
+    analytics: Option<Analytics>,
+    outputs: Outputs,
     batch: Batch,
     deadline: Option<Instant>,
 }
@@ -102,13 +113,48 @@ impl Worker {
             out,
             dedup,
             ids,
+            analytics: None,
+            outputs: Outputs::default(),
             batch,
             deadline: None,
         }
     }
 
+    /// Runs `analytics` on every new numeric reading (and a clock tick).
+    pub fn with_analytics(mut self, analytics: Analytics) -> Worker {
+        self.analytics = Some(analytics);
+        self
+    }
+
+    /// Clock tick: time-based rules (silence).
+    fn on_tick(&mut self) {
+        if let Some(analytics) = &mut self.analytics {
+            analytics.tick(crate::model::now_micros(), &mut self.outputs);
+            self.collect_outputs();
+        }
+    }
+
+    /// Moves analytics outputs into the batch, counting them.
+    fn collect_outputs(&mut self) {
+        let o = &mut self.outputs;
+        if o.alerts.is_empty() && o.rollups.is_empty() && o.late == 0 {
+            return;
+        }
+        self.metrics
+            .alerts
+            .fetch_add(o.alerts.len() as u64, Relaxed);
+        self.metrics.late_readings.fetch_add(o.late, Relaxed);
+        o.late = 0;
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.config.flush_interval);
+        }
+        self.batch.push_analytics(o);
+    }
+
     /// Runs until the shard is closed and drained; the last batch is flushed.
     pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let mut handled = 0usize;
             while let Some(message) = self.shard.pop() {
@@ -125,17 +171,14 @@ impl Worker {
                 self.flush().await;
                 return;
             }
-            match self.deadline {
-                Some(deadline) => {
-                    tokio::select! {
-                        _ = self.shard.wait() => {}
-                        _ = tokio::time::sleep_until(deadline) => {}
-                    }
-                    if Instant::now() >= deadline && !self.flush().await {
-                        return;
-                    }
-                }
-                None => self.shard.wait().await,
+            let deadline = self.deadline;
+            tokio::select! {
+                _ = self.shard.wait() => {}
+                _ = sleep_until_some(deadline) => {}
+                _ = tick.tick() => self.on_tick(),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) && !self.flush().await {
+                return;
             }
         }
     }
@@ -187,6 +230,21 @@ impl Worker {
                     window,
                     identity,
                 );
+                if let Some(analytics) = &mut self.analytics {
+                    for r in &decoded.readings {
+                        if let crate::model::Value::Number(v) = r.value {
+                            analytics.observe(
+                                &device,
+                                &r.metric,
+                                r.time,
+                                v,
+                                message.received,
+                                &mut self.outputs,
+                            );
+                        }
+                    }
+                    self.collect_outputs();
+                }
             }
         }
     }

@@ -21,6 +21,10 @@ use crate::shard::dedup::SeqWindow;
 
 /// Columns of `readings` in COPY order.
 pub const READINGS_COLUMNS: &str = "time, device_id, metric, value, unit, vs, vb, vd, sum";
+/// Columns of `alerts` in COPY order.
+pub const ALERT_COLUMNS: &str = "time, device_id, metric, rule, state, value, detail";
+/// Columns of `rollups_1m` (and its staging table) in COPY order.
+pub const ROLLUP_COLUMNS: &str = "bucket, device_id, metric, count, min, max, avg";
 /// Columns of `dead_letters` in COPY order.
 pub const DEAD_LETTER_COLUMNS: &str = "received_at, topic, device_id, payload, reason, error";
 
@@ -54,6 +58,9 @@ pub struct Batch {
     watermarks: Vec<(Arc<str>, SeqWindow)>,
     partitions: Vec<i64>,
     oldest_received: Option<Micros>,
+    alerts: RowBuffer,
+    rollups: RowBuffer,
+    notifications: Vec<(Arc<str>, String)>,
 }
 
 /// A batch ready for the writers: immutable bytes, cheap to retry.
@@ -69,6 +76,13 @@ pub struct SealedBatch {
     /// Indexes of the `readings` partitions the rows fall in, sorted.
     pub partitions: Vec<i64>,
     pub oldest_received: Micros,
+    pub alerts: Bytes,
+    pub alert_rows: usize,
+    pub rollups: Bytes,
+    pub rollup_rows: usize,
+    /// Each alert's device and JSON: sent with NOTIFY in the transaction and
+    /// published to MQTT after the commit.
+    pub notifications: Vec<(Arc<str>, String)>,
 }
 
 impl Batch {
@@ -80,6 +94,9 @@ impl Batch {
             watermarks: Vec::new(),
             partitions: Vec::new(),
             oldest_received: None,
+            alerts: RowBuffer::new(0),
+            rollups: RowBuffer::new(0),
+            notifications: Vec::new(),
         }
     }
 
@@ -88,9 +105,36 @@ impl Batch {
         self.readings.rows() + self.dead_letters.rows()
     }
 
-    /// True when no message was added.
+    /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.messages.is_empty() && self.alerts.is_empty() && self.rollups.is_empty()
+    }
+
+    /// Moves alerts and finished rollups from `out` into the batch.
+    pub fn push_analytics(&mut self, out: &mut crate::analytics::engine::Outputs) {
+        for a in out.alerts.drain(..) {
+            self.alerts
+                .row(7)
+                .timestamptz(a.time)
+                .text(&a.device)
+                .text(&a.metric)
+                .text(&a.rule)
+                .text(a.state)
+                .opt_float8(a.value)
+                .jsonb(&a.detail);
+            self.notifications.push((a.device.clone(), a.to_json()));
+        }
+        for r in out.rollups.drain(..) {
+            self.rollups
+                .row(7)
+                .timestamptz(r.bucket)
+                .text(&r.device)
+                .text(&r.metric)
+                .int8(r.count)
+                .float8(r.min)
+                .float8(r.max)
+                .float8(r.sum / r.count as f64);
+        }
     }
 
     fn entry(&mut self, message: &crate::model::Message) -> MessageEntry {
@@ -168,6 +212,7 @@ impl Batch {
     pub fn seal(self, id: BatchId) -> SealedBatch {
         let reading_rows = self.readings.rows();
         let dead_letter_rows = self.dead_letters.rows();
+        let (alert_rows, rollup_rows) = (self.alerts.rows(), self.rollups.rows());
         let mut partitions = self.partitions;
         partitions.sort_unstable();
         SealedBatch {
@@ -179,7 +224,14 @@ impl Batch {
             messages: self.messages,
             watermarks: self.watermarks,
             partitions,
-            oldest_received: self.oldest_received.unwrap_or(0),
+            oldest_received: self
+                .oldest_received
+                .unwrap_or_else(crate::model::now_micros),
+            alerts: self.alerts.finish(),
+            alert_rows,
+            rollups: self.rollups.finish(),
+            rollup_rows,
+            notifications: self.notifications,
         }
     }
 }
@@ -298,6 +350,15 @@ impl SealedBatch {
             b.put_u64(window.high());
             put_bytes(&mut b, &window.window_bytes());
         }
+        put_bytes(&mut b, &self.alerts);
+        b.put_u64(self.alert_rows as u64);
+        put_bytes(&mut b, &self.rollups);
+        b.put_u64(self.rollup_rows as u64);
+        b.put_u32(self.notifications.len() as u32);
+        for (device, json) in &self.notifications {
+            put_bytes(&mut b, device.as_bytes());
+            put_bytes(&mut b, json.as_bytes());
+        }
         b.to_vec()
     }
 
@@ -359,6 +420,16 @@ impl SealedBatch {
             let window = SeqWindow::restore(high, get_bytes(b)?);
             watermarks.push((device, window));
         }
+        let alerts = Bytes::copy_from_slice(get_bytes(b)?);
+        let alert_rows = get_u64(b)? as usize;
+        let rollups = Bytes::copy_from_slice(get_bytes(b)?);
+        let rollup_rows = get_u64(b)? as usize;
+        let n = get_u32(b)? as usize;
+        let mut notifications = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let device: Arc<str> = Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?);
+            notifications.push((device, std::str::from_utf8(get_bytes(b)?).ok()?.to_string()));
+        }
         if !b.is_empty() {
             return None;
         }
@@ -372,11 +443,16 @@ impl SealedBatch {
             watermarks,
             partitions,
             oldest_received,
+            alerts,
+            alert_rows,
+            rollups,
+            rollup_rows,
+            notifications,
         })
     }
 }
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 fn put_bytes(b: &mut BytesMut, data: &[u8]) {
     b.put_u32(data.len() as u32);

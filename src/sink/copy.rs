@@ -118,6 +118,15 @@ impl RowBuffer {
         }
     }
 
+    /// A `jsonb` value (binary format: version byte 1, then the text).
+    #[inline]
+    pub fn jsonb(&mut self, json: &str) -> &mut Self {
+        self.buf.put_i32(json.len() as i32 + 1);
+        self.buf.put_u8(1);
+        self.buf.put_slice(json.as_bytes());
+        self
+    }
+
     /// A `bytea` value (also the binary format of `text`).
     #[inline]
     pub fn bytea(&mut self, b: &[u8]) -> &mut Self {

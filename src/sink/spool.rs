@@ -353,6 +353,11 @@ mod tests {
             watermarks: vec![(Arc::from("d"), SeqWindow::starting_at(n as u64))],
             partitions: vec![20_000, 20_001],
             oldest_received: 5,
+            alerts: Bytes::from_static(b"al"),
+            alert_rows: 1,
+            rollups: Bytes::new(),
+            rollup_rows: 0,
+            notifications: vec![(Arc::from("d"), "{\"a\":1}".into())],
         }
     }
 

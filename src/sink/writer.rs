@@ -31,7 +31,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{SealedBatch, DEAD_LETTER_COLUMNS, READINGS_COLUMNS};
+use super::batch::{
+    SealedBatch, ALERT_COLUMNS, DEAD_LETTER_COLUMNS, READINGS_COLUMNS, ROLLUP_COLUMNS,
+};
 use super::copy::RowBuffer;
 use super::partitions::Partitions;
 use super::spool::{Spool, SpoolError};
@@ -55,6 +57,10 @@ pub struct WriterContext {
     pub retry_min: Duration,
     /// Cancelled when the gateway is shutting down.
     pub shutdown: CancellationToken,
+    /// NOTIFY channel for alerts; empty for none.
+    pub notify_channel: String,
+    /// Committed alerts (device, JSON) for the MQTT alert topic.
+    pub alerts: Option<mpsc::UnboundedSender<(Arc<str>, String)>>,
 }
 
 /// Why a write did not happen.
@@ -255,6 +261,48 @@ pub async fn commit(
     if !rejected.is_empty() {
         copy(&tx, &dead_sql, rejected.finish()).await?;
     }
+    if batch.alert_rows > 0 {
+        let sql = format!("COPY {s}.alerts ({ALERT_COLUMNS}) FROM STDIN (FORMAT binary)");
+        copy(&tx, &sql, batch.alerts.clone()).await?;
+        if !ctx.notify_channel.is_empty() {
+            let payloads: Vec<&str> = batch
+                .notifications
+                .iter()
+                .map(|(_, json)| json.as_str())
+                .collect();
+            tx.execute(
+                "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
+                &[&ctx.notify_channel, &payloads],
+            )
+            .await?;
+        }
+    }
+    if batch.rollup_rows > 0 {
+        // Stage, then merge: a minute split across batches (or restarts)
+        // adds up instead of conflicting.
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS edge_rollup_stage \
+             (bucket timestamptz, device_id text, metric text, count bigint, min float8, max float8, avg float8) \
+             ON COMMIT DELETE ROWS",
+        )
+        .await?;
+        copy(
+            &tx,
+            &format!("COPY edge_rollup_stage ({ROLLUP_COLUMNS}) FROM STDIN (FORMAT binary)"),
+            batch.rollups.clone(),
+        )
+        .await?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.rollups_1m AS r ({ROLLUP_COLUMNS}) SELECT {ROLLUP_COLUMNS} FROM edge_rollup_stage \
+                 ON CONFLICT (device_id, metric, bucket) DO UPDATE SET \
+                 count = r.count + EXCLUDED.count, min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max), \
+                 avg = (r.avg * r.count + EXCLUDED.avg * EXCLUDED.count) / (r.count + EXCLUDED.count)"
+            ),
+            &[],
+        )
+        .await?;
+    }
     if !batch.watermarks.is_empty() {
         let devices: Vec<&str> = batch.watermarks.iter().map(|(d, _)| d.as_ref()).collect();
         let highs: Vec<i64> = batch
@@ -355,6 +403,11 @@ impl Writer {
         m.receive_to_commit_latency
             .observe_micros((now_micros() - batch.oldest_received).max(0) as u64);
         if !done.already_applied {
+            if let Some(alerts) = &ctx.alerts {
+                for n in &batch.notifications {
+                    let _ = alerts.send(n.clone());
+                }
+            }
             m.batches_committed.fetch_add(1, Relaxed);
             m.readings_committed
                 .fetch_add(done.readings as u64, Relaxed);

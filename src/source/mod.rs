@@ -49,17 +49,31 @@ pub enum SourceEvent {
     Disconnected { error: String },
 }
 
+/// What the intake task listens to.
+pub struct IntakeInputs {
+    /// Events of the MQTT driver.
+    pub events: mpsc::Receiver<SourceEvent>,
+    /// Ledger ids of committed (or spooled) messages, from the writers.
+    pub done: mpsc::UnboundedReceiver<Vec<u64>>,
+    /// Committed alerts (device, JSON) to publish on the alert topic.
+    pub alerts: mpsc::UnboundedReceiver<(Arc<str>, String)>,
+}
+
 /// Runs intake until `shutdown`, then drains acknowledgements until the
 /// writers have reported every commit (`done` closes).
 pub async fn run_intake(
     config: &Config,
     client: MqttClient,
-    mut events: mpsc::Receiver<SourceEvent>,
+    inputs: IntakeInputs,
     router: Arc<Router>,
-    mut done: mpsc::UnboundedReceiver<Vec<u64>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let IntakeInputs {
+        mut events,
+        mut done,
+        mut alerts,
+    } = inputs;
     let filters: Vec<TopicFilter> = config.topic_filters().unwrap_or_default();
     let mut ledger = AckLedger::new();
     let mut awaiting_subacks = 0usize;
@@ -73,6 +87,15 @@ pub async fn run_intake(
                     ledger.complete(id);
                 }
                 release(&mut ledger, &client, &metrics);
+            }
+            Some((device, json)) = alerts.recv() => {
+                let prefix = &config.analytics.alert_topic_prefix;
+                if !prefix.is_empty() {
+                    if let Err(e) = client.publish_alert(&format!("{prefix}{device}"), json) {
+                        metrics.alerts_unpublished.fetch_add(1, Relaxed);
+                        tracing::warn!(error = %e, "alert not published to MQTT (it is in the alerts table)");
+                    }
+                }
             }
             _ = shutdown.cancelled(), if !stop_intake => {
                 stop_intake = true;

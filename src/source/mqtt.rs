@@ -83,6 +83,21 @@ impl MqttClient {
         }
     }
 
+    /// Queues an alert for publishing with QoS 1. Never waits.
+    ///
+    /// # Errors
+    /// When the request channel is full or the driver is gone.
+    pub fn publish_alert(&self, topic: &str, json: String) -> Result<(), MqttError> {
+        match self {
+            MqttClient::V4(c) => c
+                .try_publish(topic, QoS::AtLeastOnce, false, json)
+                .map_err(client_error),
+            MqttClient::V5(c) => c
+                .try_publish(topic, QoS5::AtLeastOnce, false, json)
+                .map_err(client_error),
+        }
+    }
+
     /// Sends DISCONNECT after everything queued before it.
     pub async fn disconnect(&self) {
         let _ = match self {

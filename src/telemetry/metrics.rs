@@ -78,6 +78,9 @@ pub struct Metrics {
     pub partitions_created: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub duplicates: AtomicU64,
+    pub alerts: AtomicU64,
+    pub late_readings: AtomicU64,
+    pub alerts_unpublished: AtomicU64,
     pub spool_batches_written: AtomicU64,
     pub spool_batches_replayed: AtomicU64,
     pub spool_corrupt_files: AtomicU64,
@@ -193,6 +196,24 @@ impl Metrics {
             "edge_gateway_mqtt_reconnects_total",
             "Broker connection losses.",
             self.mqtt_reconnects.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_alerts_total",
+            "Alert transitions (raised or cleared).",
+            self.alerts.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_alerts_unpublished_total",
+            "Committed alerts that could not be queued for the MQTT alert topic.",
+            self.alerts_unpublished.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_late_readings_total",
+            "Readings later than analytics.lateness_secs: stored, kept out of analytics.",
+            self.late_readings.load(Relaxed),
         );
         counter(
             &mut out,

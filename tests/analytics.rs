@@ -1,0 +1,221 @@
+//! Edge analytics end to end: a rule crossed by a real device's data gives
+//! one raised and one cleared alert, in `edge.alerts`, on LISTEN, and on
+//! the MQTT topic `alerts/<device>`; finished minutes land in rollups_1m.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
+use futures_util::StreamExt;
+
+const RULES: &str = r#"
+[analytics]
+lateness_secs = 0.0
+[[rules]]
+name = "hot"
+kind = "above"
+metric = "temperature"
+threshold = 30.0
+clear = 28.0
+"#;
+
+/// Subscribes to `filter` and collects (topic, payload); returns once subscribed.
+async fn collect_mqtt(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+    let mut options = rumqttc::MqttOptions::new("alert-listener", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    client
+        .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let sink = got.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        let mut subscribed = Some(subscribed_tx);
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                    if let Some(tx) = subscribed.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        p.topic.clone(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+        .await
+        .expect("suback")
+        .expect("suback");
+    got
+}
+
+/// LISTENs on `channel` and collects payloads; the client must be kept
+/// alive as long as notifications are wanted.
+async fn collect_notifications(
+    url: &str,
+    channel: &str,
+) -> (tokio_postgres::Client, Arc<Mutex<Vec<String>>>) {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("listen");
+    (client, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(&broker.url(), &pg.url(), RULES);
+    let mqtt = collect_mqtt(broker.port(), "alerts/#").await;
+    let (_listener, notes) = collect_notifications(&pg.url(), "edge_alerts").await;
+
+    // 15 readings 10 s apart: 20 x5, 35 x5 (with noise inside the band), 20 x5.
+    let start = (now_ms() / 60_000 - 10) * 60_000;
+    let values = [
+        20.0, 20.0, 20.0, 20.0, 20.0, 35.0, 29.0, 35.0, 36.0, 35.0, 20.0, 20.0, 20.0, 20.0, 20.0,
+    ];
+    let lines: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                r#"{{"seq":{},"ts":{},"m":{{"temperature":{v}}}}}"#,
+                i + 1,
+                start + i as i64 * 10_000
+            )
+        })
+        .collect();
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let mut child = Command::new(exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+            "-t",
+            "devices/boiler-1/telemetry",
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all((lines.join("\n") + "\n").as_bytes())
+            .expect("write");
+    }
+    assert!(child.wait().expect("mosquitto_pub").success());
+
+    let client = db(&pg.url()).await;
+    let n = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.alerts",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(n, 2, "log:\n{}", gateway.log());
+    let rows = client
+        .query("SELECT device_id, metric, rule, state, value, (extract(epoch FROM time) * 1000)::int8, detail::text FROM edge.alerts ORDER BY time", &[])
+        .await
+        .expect("alerts");
+    let got: Vec<(String, String, String, String, Option<f64>, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let at = |i: i64| start + i * 10_000;
+    assert_eq!(
+        got,
+        vec![
+            (
+                "boiler-1".into(),
+                "temperature".into(),
+                "hot".into(),
+                "raised".into(),
+                Some(35.0),
+                at(5)
+            ),
+            (
+                "boiler-1".into(),
+                "temperature".into(),
+                "hot".into(),
+                "cleared".into(),
+                Some(20.0),
+                at(10)
+            ),
+        ]
+    );
+    let detail: String = rows[0].get(6);
+    assert!(detail.contains("window_60s"), "{detail}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (notes.lock().map(|n| n.len()).unwrap_or(0) < 2
+        || mqtt.lock().map(|m| m.len()).unwrap_or(0) < 2)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notes = notes.lock().map(|n| n.clone()).unwrap_or_default();
+    let mqtt = mqtt.lock().map(|m| m.clone()).unwrap_or_default();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(mqtt.len(), 2, "{mqtt:?}");
+    for (i, state) in ["raised", "cleared"].iter().enumerate() {
+        let note: serde_json::Value =
+            serde_json::from_str(&notes[i]).expect("NOTIFY payload is JSON");
+        assert_eq!(
+            (
+                note["rule"].as_str(),
+                note["state"].as_str(),
+                note["device_id"].as_str()
+            ),
+            (Some("hot"), Some(*state), Some("boiler-1"))
+        );
+        assert_eq!(mqtt[i].0, "alerts/boiler-1");
+        let published: serde_json::Value =
+            serde_json::from_str(&mqtt[i].1).expect("MQTT payload is JSON");
+        assert_eq!(published, note);
+    }
+
+    // Finished minutes: every reading before the last (open) minute.
+    let last_bucket = at(14) / 60_000 * 60_000;
+    let finished = (0..15).filter(|&i| at(i) < last_bucket).count() as i64;
+    let rolled: i64 = client
+        .query_one("SELECT coalesce(sum(count), 0)::int8 FROM edge.rollups_1m WHERE device_id = 'boiler-1'", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    assert_eq!(rolled, finished);
+    assert_eq!(gateway.metric("edge_gateway_alerts_total"), Some(2.0));
+}
