@@ -107,5 +107,72 @@ fn bench_dedup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_copy_encode, bench_dedup);
+/// Analytics per reading for one series: three windows (10 s, 1 min,
+/// 5 min), the anomaly detector and one threshold rule, in time order.
+fn bench_analytics(c: &mut Criterion) {
+    use edge_gateway::analytics::anomaly::{AnomalyConfig, Detector};
+    use edge_gateway::analytics::engine::{Analytics, AnalyticsConfig, Outputs};
+    use edge_gateway::analytics::rules::{Kind, RuleConfig, RuleState};
+    use edge_gateway::analytics::window::Window;
+    use std::sync::Arc;
+    let rule = RuleConfig {
+        name: "hot".into(),
+        kind: Kind::Above,
+        metric: "*".into(),
+        devices: "*".into(),
+        threshold: Some(30.0),
+        clear: Some(28.0),
+        for_secs: 5.0,
+        clear_for_secs: 0.0,
+        first: None,
+        then: None,
+        within_secs: 0.0,
+    };
+    let mut group = c.benchmark_group("analytics");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("windows3_detector_rule", |b| {
+        let mut windows: Vec<Window> = [10, 60, 300]
+            .iter()
+            .map(|s| Window::new(s * 1_000_000, 512))
+            .collect();
+        let mut detector = Detector::new(AnomalyConfig::default());
+        let mut state = RuleState::default();
+        let mut t = 0i64;
+        b.iter(|| {
+            t += 1_000_000;
+            let v = 20.0 + ((t / 1_000_000) % 17) as f64 * 0.7;
+            for w in &mut windows {
+                w.push(t, v);
+            }
+            let score = detector.update(v);
+            state.update(&rule, t, v, score)
+        })
+    });
+    group.bench_function("engine_observe", |b| {
+        let mut analytics = Analytics::new(
+            Arc::new(AnalyticsConfig::default()),
+            AnomalyConfig::default(),
+            Arc::new(vec![rule.clone()]),
+        );
+        let device: Arc<str> = Arc::from("dev-0001");
+        let mut out = Outputs::default();
+        let mut t = 0i64;
+        b.iter(|| {
+            t += 1_000_000;
+            let v = 20.0 + ((t / 1_000_000) % 17) as f64 * 0.7;
+            analytics.observe(&device, "temperature", t, v, t, &mut out);
+            out.alerts.clear();
+            out.rollups.clear();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_copy_encode,
+    bench_dedup,
+    bench_analytics
+);
 criterion_main!(benches);

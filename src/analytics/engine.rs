@@ -123,6 +123,54 @@ struct DeviceState {
     sequences: Vec<(usize, Sequence)>,
 }
 
+impl DeviceState {
+    fn new(device: &str, rules: &[RuleConfig]) -> DeviceState {
+        let of_kind = |kind: Kind| {
+            rules
+                .iter()
+                .enumerate()
+                .filter(move |(_, r)| r.kind == kind && super::rules::glob(&r.devices, device))
+                .map(|(i, _)| i)
+        };
+        DeviceState {
+            series: HashMap::new(),
+            silence: of_kind(Kind::Silence)
+                .map(|i| (i, Silence::default()))
+                .collect(),
+            sequences: of_kind(Kind::Sequence)
+                .map(|i| (i, Sequence::default()))
+                .collect(),
+        }
+    }
+}
+
+impl Series {
+    fn new(
+        config: &AnalyticsConfig,
+        anomaly: &AnomalyConfig,
+        rules: &[RuleConfig],
+        device: &str,
+        metric: &str,
+    ) -> Series {
+        Series {
+            reorder: Reorder::new((config.lateness_secs * MICROS_PER_SEC as f64) as Micros),
+            windows: config
+                .windows_secs
+                .iter()
+                .map(|&s| Window::new(s as Micros * MICROS_PER_SEC, config.window_cap))
+                .collect(),
+            detector: Detector::new(anomaly.clone()),
+            rules: rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.applies(device, metric))
+                .map(|(i, _)| (i, RuleState::default()))
+                .collect(),
+            bucket: None,
+        }
+    }
+}
+
 const MINUTE: Micros = 60 * MICROS_PER_SEC;
 
 /// A worker's analytics for all its devices.
@@ -131,6 +179,8 @@ pub struct Analytics {
     anomaly: AnomalyConfig,
     rules: Arc<Vec<RuleConfig>>,
     devices: HashMap<Arc<str>, DeviceState>,
+    /// Scratch space for readings released by a reorder buffer.
+    released: Vec<(Micros, f64)>,
 }
 
 impl Analytics {
@@ -144,37 +194,13 @@ impl Analytics {
             anomaly,
             rules,
             devices: HashMap::new(),
+            released: Vec::new(),
         }
     }
 
     /// Series tracked.
     pub fn series(&self) -> usize {
         self.devices.values().map(|d| d.series.len()).sum()
-    }
-
-    fn device(&mut self, device: &Arc<str>) -> &mut DeviceState {
-        let rules = &self.rules;
-        self.devices
-            .entry(device.clone())
-            .or_insert_with(|| DeviceState {
-                series: HashMap::new(),
-                silence: rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| {
-                        r.kind == Kind::Silence && super::rules::glob(&r.devices, device)
-                    })
-                    .map(|(i, _)| (i, Silence::default()))
-                    .collect(),
-                sequences: rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| {
-                        r.kind == Kind::Sequence && super::rules::glob(&r.devices, device)
-                    })
-                    .map(|(i, _)| (i, Sequence::default()))
-                    .collect(),
-            })
     }
 
     /// One numeric reading of `metric` from `device` at `t`, received at
@@ -188,13 +214,22 @@ impl Analytics {
         now: Micros,
         out: &mut Outputs,
     ) {
-        if !self.config.enabled {
+        let Analytics {
+            config,
+            anomaly,
+            rules,
+            devices,
+            released,
+        } = self;
+        if !config.enabled {
             return;
         }
-        let config = self.config.clone();
-        let anomaly = self.anomaly.clone();
-        let rules = self.rules.clone();
-        let state = self.device(device);
+        let state = match devices.get_mut(device) {
+            Some(state) => state,
+            None => devices
+                .entry(device.clone())
+                .or_insert_with(|| DeviceState::new(device, rules)),
+        };
         for (i, s) in &mut state.silence {
             if let Some(tr) = s.seen(now) {
                 out.alerts.push(alert(
@@ -213,38 +248,23 @@ impl Analytics {
             None => state
                 .series
                 .entry(metric.to_string())
-                .or_insert_with(|| Series {
-                    reorder: Reorder::new((config.lateness_secs * MICROS_PER_SEC as f64) as Micros),
-                    windows: config
-                        .windows_secs
-                        .iter()
-                        .map(|&s| Window::new(s as Micros * MICROS_PER_SEC, config.window_cap))
-                        .collect(),
-                    detector: Detector::new(anomaly.clone()),
-                    rules: rules
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.applies(device, metric))
-                        .map(|(i, _)| (i, RuleState::default()))
-                        .collect(),
-                    bucket: None,
-                }),
+                .or_insert_with(|| Series::new(config, anomaly, rules, device, metric)),
         };
         if !series.reorder.push(t, v) {
             out.late += 1;
             return;
         }
-        let mut released = Vec::new();
+        released.clear();
         series.reorder.release(|t, v| released.push((t, v)));
         let mut raised = Vec::new();
-        for (t, v) in released {
+        for &(t, v) in released.iter() {
             step(
                 series,
                 device,
                 metric,
                 t,
                 v,
-                &rules,
+                rules,
                 config.rollups,
                 out,
                 &mut raised,
