@@ -219,3 +219,125 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
     assert_eq!(rolled, finished);
     assert_eq!(gateway.metric("edge_gateway_alerts_total"), Some(2.0));
 }
+
+/// Simulated devices with injected anomalies: the threshold rule sees
+/// every spike exactly (one raise at the spike, one clear after), and the
+/// alerts reach the table, LISTEN and the MQTT topic alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_anomalies_produce_the_expected_alerts() {
+    use firmware_sim::AnomalyKind;
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    // Normal temperature stays below 21 + 4 + 0.5 + 6 * 0.3 = 27.3; a spike
+    // adds 8 x 4 = 32, a shift 3 x 4 = 12 (so a shift stays below 40).
+    let rules = r#"
+[analytics]
+lateness_secs = 0.0
+[[rules]]
+name = "spike"
+kind = "above"
+metric = "temperature"
+threshold = 40.0
+clear = 38.0
+[[rules]]
+name = "anomaly"
+kind = "anomaly"
+metric = "temperature"
+threshold = 0.5
+"#;
+    let gateway = Gateway::start(&broker.url(), &pg.url(), rules);
+    let mqtt = collect_mqtt(broker.port(), "alerts/#").await;
+    let (_listener, notes) = collect_notifications(&pg.url(), "edge_alerts").await;
+
+    let start_ms = (now_ms() / 1000 - 7200) * 1000;
+    let mut config = sim(
+        &broker.url(),
+        edge_payload::Format::NativeCbor,
+        4,
+        800,
+        start_ms,
+    );
+    config.metrics = 1;
+    config.anomalies = 4;
+    config.anomaly_kinds = vec![AnomalyKind::Spike, AnomalyKind::Shift];
+    config.anomaly_len = 40;
+    let summary = firmware_sim::run(&config, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("sim");
+    let client = db(&pg.url()).await;
+    assert_landed(&client, &gateway, &config).await;
+
+    let mut want = Vec::new();
+    let mut shifts = Vec::new();
+    for d in 0..config.devices {
+        let device = firmware_sim::device_id(&config.device_prefix, d);
+        for e in firmware_sim::episodes(&config, d) {
+            let at = start_ms + e.start as i64 * 1000;
+            match e.kind {
+                AnomalyKind::Spike => {
+                    want.push((device.clone(), "raised".to_string(), at));
+                    want.push((device.clone(), "cleared".to_string(), at + 1000));
+                }
+                _ => shifts.push((device.clone(), at, at + e.len as i64 * 1000)),
+            }
+        }
+    }
+    assert!(
+        !want.is_empty() && !shifts.is_empty(),
+        "the seed gives both kinds"
+    );
+    let mut got: Vec<(String, String, i64)> = client
+        .query(
+            "SELECT device_id, state, (extract(epoch FROM time) * 1000)::int8 FROM edge.alerts WHERE rule = 'spike'",
+            &[],
+        )
+        .await
+        .expect("spike alerts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "every spike alerts exactly once, nothing else does"
+    );
+
+    // The detector: which shifts raised an anomaly alert inside them.
+    let anomaly: Vec<(String, i64)> = client
+        .query(
+            "SELECT device_id, (extract(epoch FROM time) * 1000)::int8 FROM edge.alerts WHERE rule = 'anomaly' AND state = 'raised'",
+            &[],
+        )
+        .await
+        .expect("anomaly alerts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let caught = shifts
+        .iter()
+        .filter(|(d, a, b)| anomaly.iter().any(|(ad, t)| ad == d && (a..b).contains(&t)))
+        .count();
+    eprintln!(
+        "detector: {caught} of {} shifts caught, {} anomaly alerts in all",
+        shifts.len(),
+        anomaly.len()
+    );
+    assert!(caught >= 1, "the detector catches a level shift");
+
+    let total: i64 = client
+        .query_one("SELECT count(*) FROM edge.alerts", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (notes.lock().map(|n| n.len() as i64).unwrap_or(0) < total
+        || mqtt.lock().map(|m| m.len() as i64).unwrap_or(0) < total)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(notes.lock().map(|n| n.len() as i64).unwrap_or(-1), total);
+    assert_eq!(mqtt.lock().map(|m| m.len() as i64).unwrap_or(-1), total);
+    assert!(summary.readings > 0);
+}

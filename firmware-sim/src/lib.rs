@@ -86,6 +86,75 @@ pub struct SimConfig {
     /// Keep the MQTT session across reconnects (clean session off), so
     /// nothing in flight is lost when the broker restarts.
     pub persistent: bool,
+    /// Anomaly episodes injected per device (needs `count`).
+    pub anomalies: usize,
+    /// Kinds to draw episodes from.
+    pub anomaly_kinds: Vec<AnomalyKind>,
+    /// Samples an episode lasts (a spike is always one sample).
+    pub anomaly_len: u64,
+    /// Values replayed, in order, as the first metric of device 0
+    /// (`--replay-csv`), instead of the simulated signal.
+    pub replay: Option<Arc<[f64]>>,
+}
+
+/// Kinds of injected anomaly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnomalyKind {
+    /// One sample far above the signal (8 daily amplitudes).
+    Spike,
+    /// The level moves up by 3 daily amplitudes for the episode.
+    Shift,
+    /// A ramp up to 4 daily amplitudes over the episode.
+    Drift,
+    /// The value freezes at its first value of the episode.
+    Stuck,
+    /// The device sends nothing during the episode.
+    Dropout,
+}
+
+impl AnomalyKind {
+    pub const ALL: [AnomalyKind; 5] = [
+        AnomalyKind::Spike,
+        AnomalyKind::Shift,
+        AnomalyKind::Drift,
+        AnomalyKind::Stuck,
+        AnomalyKind::Dropout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AnomalyKind::Spike => "spike",
+            AnomalyKind::Shift => "shift",
+            AnomalyKind::Drift => "drift",
+            AnomalyKind::Stuck => "stuck",
+            AnomalyKind::Dropout => "dropout",
+        }
+    }
+}
+
+impl std::str::FromStr for AnomalyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AnomalyKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown anomaly kind {s:?}: expected spike, shift, drift, stuck or dropout"
+                )
+            })
+    }
+}
+
+/// One injected anomaly: samples `start..start + len` of `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Episode {
+    pub device: usize,
+    /// Index into [`METRICS`] (all metrics for a dropout).
+    pub metric: usize,
+    pub kind: AnomalyKind,
+    pub start: u64,
+    pub len: u64,
 }
 
 impl Default for SimConfig {
@@ -111,6 +180,10 @@ impl Default for SimConfig {
             reorder_rate: 0.0,
             malformed_rate: 0.0,
             persistent: false,
+            anomalies: 0,
+            anomaly_kinds: AnomalyKind::ALL.to_vec(),
+            anomaly_len: 30,
+            replay: None,
         }
     }
 }
@@ -149,6 +222,21 @@ impl SimConfig {
                 return Err(SimError::Invalid(format!(
                     "{name} must be a share from 0 to 1"
                 )));
+            }
+        }
+        if self.anomalies > 0 {
+            let count = self
+                .count
+                .ok_or_else(|| SimError::Invalid("--anomalies needs --count".into()))?;
+            if self.anomaly_kinds.is_empty() || self.anomaly_len == 0 {
+                return Err(SimError::Invalid(
+                    "--anomaly-kinds and --anomaly-len must not be empty or 0".into(),
+                ));
+            }
+            if count < (self.anomalies as u64 + 1) * (self.anomaly_len * 2 + 10) {
+                return Err(SimError::Invalid(
+                    "--count too small for that many --anomalies of --anomaly-len samples".into(),
+                ));
             }
         }
         if !self.topic.contains("{device}") {
@@ -220,20 +308,127 @@ pub fn value(seed: u64, device: usize, metric: usize, index: u64, ts_ms: i64) ->
     (raw * 1e4).round() / 1e4
 }
 
-/// Sample `index` of `device`.
+/// The anomaly episodes of `device`, in time order: one in each of
+/// `anomalies` equal stretches after the first fifth of the run (which
+/// stays normal, so detectors can learn), at a seeded offset.
+pub fn episodes(config: &SimConfig, device: usize) -> Vec<Episode> {
+    let (Some(count), n) = (config.count, config.anomalies) else {
+        return Vec::new();
+    };
+    if n == 0 || config.anomaly_kinds.is_empty() {
+        return Vec::new();
+    }
+    let warm = count / 5;
+    let stretch = (count - warm) / n as u64;
+    (0..n as u64)
+        .map(|e| {
+            let h = mix(config.seed ^ mix(0xa11 << 40 ^ (device as u64) << 20 ^ e));
+            let kind = config.anomaly_kinds[(h % config.anomaly_kinds.len() as u64) as usize];
+            let len = if kind == AnomalyKind::Spike {
+                1
+            } else {
+                config.anomaly_len
+            };
+            let room = stretch.saturating_sub(len + 1).max(1);
+            Episode {
+                device,
+                metric: (mix(h) % config.metrics as u64) as usize,
+                kind,
+                start: warm + e * stretch + (mix(h ^ 7) % room),
+                len,
+            }
+        })
+        .collect()
+}
+
+/// The ground truth of a `--count` run: one CSV row per episode,
+/// `device,metric,kind,start_ms,end_ms` (end = the episode's last sample).
+pub fn ground_truth_csv(config: &SimConfig, start_ms: i64) -> String {
+    let mut out = String::from("device,metric,kind,start_ms,end_ms\n");
+    for d in 0..config.devices {
+        for e in episodes(config, d) {
+            let metric = if e.kind == AnomalyKind::Dropout {
+                "*"
+            } else {
+                METRICS[e.metric].0
+            };
+            out.push_str(&format!(
+                "{},{metric},{},{},{}\n",
+                device_id(&config.device_prefix, d),
+                e.kind.name(),
+                start_ms + e.start as i64 * config.step(),
+                start_ms + (e.start + e.len - 1) as i64 * config.step()
+            ));
+        }
+    }
+    out
+}
+
+/// Reads `timestamp,value` rows (header optional) for `--replay-csv`.
+///
+/// # Errors
+/// The line that has no number in its second column.
+pub fn load_replay_csv(text: &str) -> Result<Arc<[f64]>, SimError> {
+    let mut values = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(v) = line.split(',').nth(1) else {
+            continue;
+        };
+        match v.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() => values.push(v),
+            _ if i == 0 => {}
+            _ => {
+                return Err(SimError::Invalid(format!(
+                    "--replay-csv line {}: {v:?} is not a number",
+                    i + 1
+                )))
+            }
+        }
+    }
+    if values.is_empty() {
+        return Err(SimError::Invalid("--replay-csv has no rows".into()));
+    }
+    Ok(values.into())
+}
+
+/// Sample `index` of `device`, with any anomaly applied; a sample in a
+/// dropout has no metrics.
 pub fn sample(config: &SimConfig, start_ms: i64, device: usize, index: u64) -> Sample {
     let ts_ms = start_ms + index as i64 * config.step();
-    Sample {
-        ts_ms,
-        metrics: (0..config.metrics)
-            .map(|m| {
-                (
-                    METRICS[m].0.to_string(),
-                    value(config.seed, device, m, index, ts_ms),
-                )
-            })
-            .collect(),
+    let episode = episodes(config, device)
+        .into_iter()
+        .find(|e| (e.start..e.start + e.len).contains(&index));
+    if episode.is_some_and(|e| e.kind == AnomalyKind::Dropout) {
+        return Sample {
+            ts_ms,
+            metrics: Vec::new(),
+        };
     }
+    let signal = |m: usize, i: u64, ts: i64| match (&config.replay, device, m) {
+        (Some(replay), 0, 0) => replay[(i % replay.len() as u64) as usize],
+        _ => value(config.seed, device, m, i, ts),
+    };
+    let metrics = (0..config.metrics)
+        .map(|m| {
+            let mut v = signal(m, index, ts_ms);
+            if let Some(e) = episode.filter(|e| e.metric == m) {
+                let amplitude = METRICS[m].3;
+                let k = index - e.start;
+                v = match e.kind {
+                    AnomalyKind::Spike => v + 8.0 * amplitude,
+                    AnomalyKind::Shift => v + 3.0 * amplitude,
+                    AnomalyKind::Drift => v + 4.0 * amplitude * (k + 1) as f64 / e.len as f64,
+                    AnomalyKind::Stuck => {
+                        signal(m, e.start, start_ms + e.start as i64 * config.step())
+                    }
+                    AnomalyKind::Dropout => v,
+                };
+                v = (v * 1e4).round() / 1e4;
+            }
+            (METRICS[m].0.to_string(), v)
+        })
+        .collect();
+    Sample { ts_ms, metrics }
 }
 
 /// Which faults hit message `message` of `device` (deterministic per seed).
@@ -427,7 +622,13 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
             }
             let samples: Vec<Sample> = (index..index + n)
                 .map(|i| sample(config, start_ms, d, i))
+                .filter(|s| !s.metrics.is_empty())
                 .collect();
+            if samples.is_empty() {
+                // The whole message falls in a dropout.
+                continue;
+            }
+            let readings: u64 = samples.iter().map(|s| s.metrics.len() as u64).sum();
             let mut payload = edge_payload::encode(config.format, seq, &samples, &unit_of);
             let fault = faults(config, d, seq - 1);
             match fault.malformed {
@@ -435,7 +636,7 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
                     payload = malformed_payload(kind, &payload);
                     summary.malformed += 1;
                 }
-                None => summary.readings += n * config.metrics as u64,
+                None => summary.readings += readings,
             }
             let last = config.count.is_some_and(|c| index + n >= c);
             let mut out = Vec::with_capacity(3);
@@ -528,6 +729,72 @@ mod tests {
                 assert!((v - base).abs() <= bound, "{name}: {v}");
             }
         }
+    }
+
+    #[test]
+    fn anomalies_are_placed_applied_and_written_as_ground_truth() {
+        let config = SimConfig {
+            devices: 2,
+            count: Some(1000),
+            metrics: 2,
+            step_ms: Some(1000),
+            anomalies: 3,
+            anomaly_len: 20,
+            ..SimConfig::default()
+        };
+        for d in 0..2 {
+            let eps = episodes(&config, d);
+            assert_eq!(eps.len(), 3);
+            assert!(
+                eps.windows(2).all(|w| w[0].start + w[0].len <= w[1].start),
+                "{eps:?}"
+            );
+            assert!(eps[0].start >= 200, "the first fifth stays normal");
+            for e in &eps {
+                let inside = sample(&config, 0, d, e.start);
+                let normal = SimConfig {
+                    anomalies: 0,
+                    ..config.clone()
+                };
+                let plain = sample(&normal, 0, d, e.start);
+                match e.kind {
+                    AnomalyKind::Dropout => assert!(inside.metrics.is_empty()),
+                    AnomalyKind::Spike => {
+                        assert!(inside.metrics[e.metric].1 > plain.metrics[e.metric].1 + 20.0)
+                    }
+                    _ => assert_eq!(inside.metrics.len(), 2),
+                }
+            }
+        }
+        let truth = ground_truth_csv(&config, 0);
+        assert_eq!(truth.lines().count(), 1 + 6);
+        assert!(truth.starts_with("device,metric,kind,start_ms,end_ms\n"));
+        let dropped: u64 = (0..2)
+            .flat_map(|d| episodes(&config, d))
+            .filter(|e| e.kind == AnomalyKind::Dropout)
+            .map(|e| e.len * 2)
+            .sum();
+        assert_eq!(
+            expected_readings(&config, 0).len() as u64,
+            2 * 1000 * 2 - dropped
+        );
+    }
+
+    #[test]
+    fn replay_csv_drives_the_first_metric_of_device_0() {
+        let replay =
+            load_replay_csv("timestamp,value\n2024-01-01 00:00:00,5\n2024-01-01 00:05:00,7.5\n")
+                .ok();
+        assert_eq!(replay.as_deref(), Some(&[5.0, 7.5][..]));
+        let config = SimConfig {
+            replay,
+            metrics: 2,
+            ..SimConfig::default()
+        };
+        assert_eq!(sample(&config, 0, 0, 1).metrics[0].1, 7.5);
+        assert_eq!(sample(&config, 0, 0, 2).metrics[0].1, 5.0);
+        assert_ne!(sample(&config, 0, 1, 1).metrics[0].1, 7.5);
+        assert!(load_replay_csv("timestamp,value\nx,abc\n").is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `firmware-sim`: simulated devices for edge-gateway tests, demos and load.
 
+use anyhow::Context;
 use clap::Parser;
 use edge_payload::Format;
-use firmware_sim::SimConfig;
+use firmware_sim::{AnomalyKind, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Publishes realistic sensor data from simulated devices over MQTT.
@@ -66,12 +67,39 @@ struct Args {
     /// Keep the MQTT session across reconnects (clean session off).
     #[arg(long)]
     persistent: bool,
+    /// Anomaly episodes to inject per device (needs --count).
+    #[arg(long, default_value_t = 0)]
+    anomalies: usize,
+    /// Kinds of injected anomaly, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "spike,shift,drift,stuck,dropout"
+    )]
+    anomaly_kinds: Vec<AnomalyKind>,
+    /// Samples an anomaly episode lasts (spikes: one).
+    #[arg(long, default_value_t = 30)]
+    anomaly_len: u64,
+    /// Write the injected anomalies (device,metric,kind,start_ms,end_ms) here.
+    #[arg(long)]
+    ground_truth: Option<std::path::PathBuf>,
+    /// Replay this timestamp,value CSV as the first metric of device 0.
+    #[arg(long)]
+    replay_csv: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let config = SimConfig {
+    let replay = match &a.replay_csv {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--replay-csv {}", path.display()))?;
+            Some(firmware_sim::load_replay_csv(&text)?)
+        }
+        None => None,
+    };
+    let mut config = SimConfig {
         broker: a.broker,
         devices: a.devices,
         rate: a.rate,
@@ -92,7 +120,22 @@ async fn main() -> anyhow::Result<()> {
         reorder_rate: a.reorder,
         malformed_rate: a.malformed,
         persistent: a.persistent,
+        anomalies: a.anomalies,
+        anomaly_kinds: a.anomaly_kinds,
+        anomaly_len: a.anomaly_len,
+        replay,
     };
+    // Fix the start so the ground truth names the real times.
+    let start_ms = config.start_ms.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    });
+    config.start_ms = Some(start_ms);
+    if let Some(path) = &a.ground_truth {
+        std::fs::write(path, firmware_sim::ground_truth_csv(&config, start_ms))
+            .with_context(|| format!("--ground-truth {}", path.display()))?;
+    }
     let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();

@@ -42,8 +42,8 @@ pub struct RuleConfig {
     /// Device id pattern; `*` matches any run of characters.
     #[serde(default = "any")]
     pub devices: String,
-    /// Level that raises (above, below, rate, anomaly; stuck: the largest
-    /// change still counted as "no change").
+    /// Level that raises (above, below, rate, anomaly (default 0.5); stuck:
+    /// the largest change still counted as "no change").
     #[serde(default)]
     pub threshold: Option<f64>,
     /// Level that clears (hysteresis); defaults to `threshold`.
@@ -179,7 +179,7 @@ impl RuleState {
         score: f64,
     ) -> Option<Transition> {
         let threshold = rule.threshold.unwrap_or(match rule.kind {
-            Kind::Anomaly => 0.9,
+            Kind::Anomaly => 0.5,
             _ => 0.0,
         });
         let clear = rule.clear.unwrap_or(threshold);
@@ -418,7 +418,7 @@ mod tests {
             ..rule(Kind::Anomaly, 0.0, None, 0.0)
         };
         let mut s = RuleState::default();
-        let seq: Vec<_> = [0.1, 0.95, 0.2]
+        let seq: Vec<_> = [0.1, 0.6, 0.2]
             .iter()
             .enumerate()
             .filter_map(|(i, &p)| s.update(&anomaly, i as Micros * S, 1.0, p))
