@@ -71,8 +71,11 @@ pub struct SimConfig {
     pub step_ms: Option<i64>,
     /// Device ids are this prefix and a 4-digit index.
     pub device_prefix: String,
-    /// Topic with `{device}` in place of the device id.
+    /// Topic with `{device}` in place of the device id, and optionally
+    /// `{shard}` in place of `s<n>`, n = [`topic_shard`] of the device.
     pub topic: String,
+    /// Shards for `{shard}` in the topic.
+    pub topic_shards: usize,
     pub client_id: String,
     /// Print progress to stderr every second.
     pub progress: bool,
@@ -174,6 +177,7 @@ impl Default for SimConfig {
             step_ms: None,
             device_prefix: "sim-".into(),
             topic: "devices/{device}/telemetry".into(),
+            topic_shards: 1,
             client_id: "firmware-sim".into(),
             progress: false,
             duplicate_rate: 0.0,
@@ -264,6 +268,25 @@ fn broker_addr(url: &str) -> Result<(String, u16), SimError> {
         .unwrap_or((rest, "1883"));
     let port = port.parse().map_err(|_| SimError::Broker(url.into()))?;
     Ok((host.to_string(), port))
+}
+
+/// The topic shard of a device: FNV-1a of its id modulo `shards`, so
+/// operators can compute it anywhere (see deploy/SCALING.md).
+pub fn topic_shard(device: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// The topic `device` publishes on.
+pub fn topic_of(config: &SimConfig, device: &str) -> String {
+    config.topic.replace("{device}", device).replace(
+        "{shard}",
+        &format!("s{}", topic_shard(device, config.topic_shards)),
+    )
 }
 
 /// Id of device `index`.
@@ -587,11 +610,7 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
     let started = Instant::now();
     let deadline = config.seconds.map(|s| started + Duration::from_secs_f64(s));
     let topics: Vec<String> = (0..config.devices)
-        .map(|d| {
-            config
-                .topic
-                .replace("{device}", &device_id(&config.device_prefix, d))
-        })
+        .map(|d| topic_of(config, &device_id(&config.device_prefix, d)))
         .collect();
     let mut summary = Summary {
         devices: config.devices,

@@ -49,9 +49,13 @@ struct Args {
     /// Device id prefix (ids are prefix + 4 digits).
     #[arg(long, default_value = "sim-")]
     device_prefix: String,
-    /// Topic template; {device} is replaced by the device id.
+    /// Topic template; {device} is replaced by the device id, {shard} by
+    /// s<n> with n = FNV-1a(device id) mod --topic-shards.
     #[arg(long, default_value = "devices/{device}/telemetry")]
     topic: String,
+    /// Shards for {shard} in --topic.
+    #[arg(long, default_value_t = 1)]
+    topic_shards: usize,
     /// MQTT client id.
     #[arg(long, default_value = "firmware-sim")]
     client_id: String,
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         step_ms: a.step_ms,
         device_prefix: a.device_prefix,
         topic: a.topic,
+        topic_shards: a.topic_shards,
         client_id: a.client_id,
         progress: true,
         duplicate_rate: a.duplicates,
