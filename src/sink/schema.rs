@@ -14,7 +14,13 @@ pub const DDL_LOCK: i64 = 0x6564_6765_6777; // "edgegw"
 pub fn ddl(schema: &str) -> String {
     format!(
         r#"
-CREATE SCHEMA IF NOT EXISTS {s};
+-- CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
+-- schema exists; a gateway role that only has the schema must get past it.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{s}') THEN
+        CREATE SCHEMA {s};
+    END IF;
+END $$;
 
 CREATE TABLE IF NOT EXISTS {s}.readings (
     time      timestamptz      NOT NULL,
@@ -90,11 +96,34 @@ COMMENT ON TABLE {s}.applied_batches IS 'Batches committed recently, so a retrie
     )
 }
 
-/// Creates the schema and tables if missing.
+/// Tables the gateway needs.
+pub const TABLES: [&str; 7] = [
+    "readings",
+    "alerts",
+    "rollups_1m",
+    "dead_letters",
+    "device_watermarks",
+    "message_ids",
+    "applied_batches",
+];
+
+/// Creates the schema and tables if any is missing. When all exist, no DDL
+/// runs, so a gateway role that owns only `readings` (see
+/// `deploy/sql/roles.sql`) starts without needing to own the rest.
 ///
 /// # Errors
 /// Any database error.
 pub async fn create(client: &mut Client, schema: &str) -> Result<(), tokio_postgres::Error> {
+    let present: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2)",
+            &[&schema, &TABLES.to_vec()],
+        )
+        .await?
+        .get(0);
+    if present == TABLES.len() as i64 {
+        return Ok(());
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_LOCK])
         .await?;
