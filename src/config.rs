@@ -158,6 +158,10 @@ pub struct DatabaseConfig {
     /// Delay before retrying a failed batch, in milliseconds (doubles up to
     /// 10 s while the database stays unreachable).
     pub retry_min_ms: u64,
+    /// Name of a logical-replication publication over `readings` and
+    /// `alerts` that `migrate` creates, for downstream change data capture
+    /// (logical replication subscribers, Debezium); "" = none.
+    pub publication: String,
 }
 
 impl Default for DatabaseConfig {
@@ -172,6 +176,7 @@ impl Default for DatabaseConfig {
             partitions_ahead: 2,
             retention_days: 30,
             retry_min_ms: 200,
+            publication: String::new(),
         }
     }
 }
@@ -455,6 +460,12 @@ impl Config {
         }
         if d.retention_days == 0 || d.retention_days > 36_500 {
             return Err(invalid("database.retention_days", "must be 1 to 36500"));
+        }
+        if !d.publication.is_empty() && !valid_identifier(&d.publication) {
+            return Err(invalid(
+                "database.publication",
+                "must be a lower-case identifier or empty",
+            ));
         }
         if d.retry_min_ms == 0 || d.retry_min_ms > 10_000 {
             return Err(invalid("database.retry_min_ms", "must be 1 to 10000"));

@@ -48,6 +48,14 @@ pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), Pip
     let pg = config.pg_config()?;
     let mut client = writer::connect(&pg).await?;
     schema::create(&mut client, &config.database.schema).await?;
+    if !config.database.publication.is_empty() {
+        schema::create_publication(
+            &client,
+            &config.database.schema,
+            &config.database.publication,
+        )
+        .await?;
+    }
     maintain(&mut client, config, partitions).await?;
     Ok(())
 }

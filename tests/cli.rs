@@ -213,3 +213,65 @@ fn replay_scores_every_row_and_the_spike_highest() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
 }
+
+#[test]
+fn migrate_creates_the_cdc_publication_when_asked() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let (_dir, path) = config_file("[database]\npublication = \"edge_cdc\"\n");
+    let out = gateway(
+        &["migrate", "--config", &path],
+        &[("GATEWAY_DATABASE_URL", &pg.url())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = common::db(&pg.url()).await;
+        let tables: Vec<String> = client
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'edge_cdc' ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("publication tables")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(tables, vec!["edge.alerts".to_string(), "edge.readings".to_string()]);
+    });
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    // An unreachable database makes `run` log retry warnings.
+    let port = edge_gateway::local::free_port().expect("port");
+    let (dir, path) = config_file(&format!(
+        "[database]\nurl = \"postgresql://nobody@127.0.0.1:{port}/x\"\nretry_min_ms = 20\n[http]\naddr = \"\"\n"
+    ));
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+        .args(["--log-format", "json", "run", "--config", &path])
+        .env_remove("GATEWAY_DATABASE_URL")
+        .env_remove("GATEWAY_HTTP_ADDR")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no log lines");
+    let retry = lines
+        .iter()
+        .find(|v| v["fields"]["message"].as_str() == Some("database not ready; retrying"))
+        .unwrap_or_else(|| panic!("no retry warning in {text}"));
+    assert_eq!(retry["level"].as_str(), Some("WARN"));
+    assert!(retry["fields"]["retry_in_ms"].is_u64(), "{retry}");
+}

@@ -96,6 +96,35 @@ COMMENT ON TABLE {s}.applied_batches IS 'Batches committed recently, so a retrie
     )
 }
 
+/// Creates (if missing) a publication over `readings` (published as the
+/// parent table, whatever partition a row is in) and `alerts`, for logical
+/// replication and CDC tools. Subscribers need `wal_level = logical`.
+///
+/// # Errors
+/// Any database error.
+pub async fn create_publication(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let exists: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .get(0);
+    if exists == 0 {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {name} FOR TABLE {schema}.readings, {schema}.alerts \
+                 WITH (publish_via_partition_root = true)"
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
 /// Tables the gateway needs.
 pub const TABLES: [&str; 7] = [
     "readings",
