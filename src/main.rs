@@ -100,6 +100,38 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// On SIGHUP, re-reads the config file and hands its rules to the workers;
+/// a file that does not validate is refused and the running rules stay.
+async fn reload_rules_on_sighup(
+    path: PathBuf,
+    rules: tokio::sync::watch::Sender<
+        std::sync::Arc<Vec<edge_gateway::analytics::rules::RuleConfig>>,
+    >,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; rules will not reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match Config::load(Some(&path)) {
+            Ok(config) => {
+                let count = config.rules.len();
+                let _ = rules.send(std::sync::Arc::new(config.rules));
+                tracing::info!(
+                    rules = count,
+                    "SIGHUP: rules reloaded (other settings apply at the next start)"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: config refused; keeping the running rules")
+            }
+        }
+    }
+}
+
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(Some(path)).with_context(|| format!("invalid configuration ({})", path.display()))
 }
@@ -109,9 +141,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     match cli.command {
-        Command::Run { config } => {
-            let config = load(&config)?;
-            edge_gateway::pipeline::run(config, shutdown_on_signals()).await?;
+        Command::Run { config: path } => {
+            let config = load(&path)?;
+            let (rules_tx, rules_rx) =
+                tokio::sync::watch::channel(std::sync::Arc::new(config.rules.clone()));
+            tokio::spawn(reload_rules_on_sighup(path, rules_tx));
+            edge_gateway::pipeline::run_with_rules(config, shutdown_on_signals(), rules_rx).await?;
         }
         Command::Demo {
             seconds,

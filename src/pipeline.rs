@@ -102,6 +102,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
     run_with_metrics(config, shutdown, Arc::new(Metrics::default())).await
 }
 
+/// [`run`], taking rule sets reloaded later (on SIGHUP) from `rules`.
+///
+/// # Errors
+/// As for [`run`].
+pub async fn run_with_rules(
+    config: Config,
+    shutdown: CancellationToken,
+    rules: tokio::sync::watch::Receiver<Arc<Vec<crate::analytics::rules::RuleConfig>>>,
+) -> Result<(), PipelineError> {
+    run_inner(config, shutdown, Arc::new(Metrics::default()), Some(rules)).await
+}
+
 /// [`run`] with caller-owned metrics (the demo prints them live).
 ///
 /// # Errors
@@ -110,6 +122,15 @@ pub async fn run_with_metrics(
     config: Config,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+) -> Result<(), PipelineError> {
+    run_inner(config, shutdown, metrics, None).await
+}
+
+async fn run_inner(
+    config: Config,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    reload: Option<tokio::sync::watch::Receiver<Arc<Vec<crate::analytics::rules::RuleConfig>>>>,
 ) -> Result<(), PipelineError> {
     config.validate()?;
     let background = CancellationToken::new();
@@ -198,11 +219,14 @@ pub async fn run_with_metrics(
             dedup,
             ids.clone(),
         )
-        .with_analytics(crate::analytics::engine::Analytics::new(
-            analytics_config.clone(),
-            config.anomaly.clone(),
-            rules.clone(),
-        ));
+        .with_analytics(
+            crate::analytics::engine::Analytics::new(
+                analytics_config.clone(),
+                config.anomaly.clone(),
+                rules.clone(),
+            ),
+            reload.clone(),
+        );
         tokio::spawn(worker.run());
     }
     drop(queues);

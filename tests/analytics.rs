@@ -341,3 +341,146 @@ threshold = 0.5
     assert_eq!(mqtt.lock().map(|m| m.len() as i64).unwrap_or(-1), total);
     assert!(summary.readings > 0);
 }
+
+/// Publishes native JSON lines for one device with mosquitto_pub.
+fn publish_native(port: u16, device: &str, first_seq: usize, start_ms: i64, values: &[f64]) {
+    let lines: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                r#"{{"seq":{},"ts":{},"m":{{"temperature":{v}}}}}"#,
+                first_seq + i,
+                start_ms + (first_seq + i) as i64 * 1000
+            )
+        })
+        .collect();
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let mut child = Command::new(exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            &format!("devices/{device}/telemetry"),
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all((lines.join("\n") + "\n").as_bytes())
+            .expect("write");
+    }
+    assert!(child.wait().expect("mosquitto_pub").success());
+}
+
+/// (rule, state, reason) of every alert, in time order.
+async fn alerts(client: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    client
+        .query("SELECT rule, state, coalesce(detail->>'reason', '') FROM edge.alerts ORDER BY time, rule, state DESC", &[])
+        .await
+        .expect("alerts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// SIGHUP reloads the rules without a restart and without dropping data: a
+/// raised alert of a changed rule is cleared, the new rules apply at once,
+/// and a config that does not validate is refused while the old rules stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_rules_without_dropping_data() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let mut gateway = Gateway::start(&broker.url(), &pg.url(), RULES);
+    let client = db(&pg.url()).await;
+    let start_ms = (now_ms() / 1000 - 3600) * 1000;
+
+    publish_native(broker.port(), "boiler-2", 1, start_ms, &[20.0, 35.0]);
+    assert_eq!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM edge.alerts",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        1
+    );
+
+    // "hot" moves to 50 and "cold" is new.
+    gateway.rewrite_config(
+        "[analytics]\nlateness_secs = 0.0\n\
+         [[rules]]\nname = \"hot\"\nkind = \"above\"\nmetric = \"temperature\"\nthreshold = 50.0\n\
+         [[rules]]\nname = \"cold\"\nkind = \"below\"\nmetric = \"temperature\"\nthreshold = 10.0\n",
+    );
+    gateway.signal("HUP");
+    assert_eq!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM edge.alerts",
+            2,
+            Duration::from_secs(20)
+        )
+        .await,
+        2
+    );
+    publish_native(broker.port(), "boiler-2", 3, start_ms, &[40.0, 5.0]);
+    assert_eq!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM edge.alerts",
+            3,
+            Duration::from_secs(20)
+        )
+        .await,
+        3
+    );
+    // In time order: readings are an hour old, the reload's clear is now.
+    let got = alerts(&client).await;
+    assert_eq!(got[0], ("hot".into(), "raised".into(), String::new()));
+    assert_eq!(
+        got[1],
+        ("cold".into(), "raised".into(), String::new()),
+        "40 is no longer hot, 5 is cold"
+    );
+    assert_eq!((got[2].0.as_str(), got[2].1.as_str()), ("hot", "cleared"));
+    assert!(got[2].2.contains("changed or removed"), "{got:?}");
+
+    // A broken file is refused; the gateway keeps running with its rules.
+    gateway.write_raw_config("[[rules]]\nname = \"bad\"\nkind = \"above\"\n");
+    gateway.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(gateway.running(), "log:\n{}", gateway.log());
+    assert!(
+        gateway.log().contains("config refused"),
+        "log:\n{}",
+        gateway.log()
+    );
+    publish_native(broker.port(), "boiler-2", 5, start_ms, &[60.0]);
+    assert_eq!(
+        wait_for_count(
+            &client,
+            "SELECT count(*) FROM edge.alerts",
+            5,
+            Duration::from_secs(20)
+        )
+        .await,
+        5,
+        "{:?}",
+        alerts(&client).await
+    );
+    let stored = wait_for_count(
+        &client,
+        "SELECT count(*) FROM edge.readings",
+        5,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(stored, 5, "no reading dropped across reloads");
+}

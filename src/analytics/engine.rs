@@ -302,6 +302,87 @@ impl Analytics {
         }
     }
 
+    /// Replaces the rules (SIGHUP reload). A rule whose settings did not
+    /// change keeps its state; an alert still raised under a rule that
+    /// changed or went away is cleared now, so none stays open forever.
+    pub fn set_rules(&mut self, rules: Arc<Vec<RuleConfig>>, now: Micros, out: &mut Outputs) {
+        let old = std::mem::replace(&mut self.rules, rules);
+        let new = &self.rules;
+        let carry = |i: usize| new.iter().position(|r| Some(r) == old.get(i));
+        let closed = |name: &str| {
+            format!(
+                "{{\"reason\":\"rule {} changed or removed\"}}",
+                name.replace('"', "")
+            )
+        };
+        for (device, state) in &mut self.devices {
+            for (metric, series) in &mut state.series {
+                let mut kept = Vec::new();
+                for (i, rule_state) in std::mem::take(&mut series.rules) {
+                    match carry(i) {
+                        Some(j) => kept.push((j, rule_state)),
+                        None if rule_state.is_raised() => {
+                            let name = &old[i].name;
+                            out.alerts.push(alert(
+                                now,
+                                device,
+                                metric,
+                                name,
+                                Transition::Cleared,
+                                None,
+                                closed(name),
+                            ));
+                        }
+                        None => {}
+                    }
+                }
+                for (j, r) in new.iter().enumerate() {
+                    if r.applies(device, metric) && !kept.iter().any(|(k, _)| *k == j) {
+                        kept.push((j, RuleState::default()));
+                    }
+                }
+                series.rules = kept;
+            }
+            let fresh = DeviceState::new(device, new);
+            let mut silence = Vec::new();
+            for (j, s) in fresh.silence {
+                let previous = state
+                    .silence
+                    .iter()
+                    .find(|(i, _)| carry(*i) == Some(j))
+                    .map(|(_, s)| s.clone());
+                silence.push((j, previous.unwrap_or(s)));
+            }
+            for (i, s) in &state.silence {
+                if carry(*i).is_none() && s.is_raised() {
+                    let name = &old[*i].name;
+                    out.alerts.push(alert(
+                        now,
+                        device,
+                        "",
+                        name,
+                        Transition::Cleared,
+                        None,
+                        closed(name),
+                    ));
+                }
+            }
+            state.silence = silence;
+            state.sequences = fresh
+                .sequences
+                .into_iter()
+                .map(|(j, q)| {
+                    let previous = state
+                        .sequences
+                        .iter()
+                        .find(|(i, _)| carry(*i) == Some(j))
+                        .map(|(_, q)| q.clone());
+                    (j, previous.unwrap_or(q))
+                })
+                .collect();
+        }
+    }
+
     /// A clock tick: silence rules.
     pub fn tick(&mut self, now: Micros, out: &mut Outputs) {
         for (device, state) in &mut self.devices {

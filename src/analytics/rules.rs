@@ -268,6 +268,11 @@ impl Silence {
         std::mem::take(&mut self.raised).then_some(Transition::Cleared)
     }
 
+    /// True while the silence alert is raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised
+    }
+
     /// A clock tick at `now`.
     pub fn tick(&mut self, rule: &RuleConfig, now: Micros) -> Option<Transition> {
         let last = self.last_seen?;

@@ -14,12 +14,14 @@ use tokio::time::Instant;
 use super::dedup::{Dedup, Verdict};
 use super::Shard;
 use crate::analytics::engine::{Analytics, Outputs};
+use crate::analytics::rules::RuleConfig;
 use crate::decode::decode;
 use crate::model::{Message, Micros, MICROS_PER_SEC};
 use crate::sink::batch::BatchId;
 use crate::sink::partitions::Partitions;
 use crate::sink::{Batch, SealedBatch};
 use crate::telemetry::Metrics;
+use tokio::sync::watch;
 
 /// Intake limits and batching for one worker.
 #[derive(Debug, Clone)]
@@ -89,6 +91,7 @@ pub struct Worker {
     dedup: Dedup,
     ids: Arc<BatchIds>,
     analytics: Option<Analytics>,
+    rules: Option<watch::Receiver<Arc<Vec<RuleConfig>>>>,
     outputs: Outputs,
     batch: Batch,
     deadline: Option<Instant>,
@@ -114,20 +117,40 @@ impl Worker {
             dedup,
             ids,
             analytics: None,
+            rules: None,
             outputs: Outputs::default(),
             batch,
             deadline: None,
         }
     }
 
-    /// Runs `analytics` on every new numeric reading (and a clock tick).
-    pub fn with_analytics(mut self, analytics: Analytics) -> Worker {
+    /// Runs `analytics` on every new numeric reading (and a clock tick);
+    /// `rules` delivers rule sets reloaded on SIGHUP.
+    pub fn with_analytics(
+        mut self,
+        analytics: Analytics,
+        rules: Option<watch::Receiver<Arc<Vec<RuleConfig>>>>,
+    ) -> Worker {
         self.analytics = Some(analytics);
+        self.rules = rules;
         self
     }
 
-    /// Clock tick: time-based rules (silence).
+    /// Applies a reloaded rule set, if one came.
+    fn reload_rules(&mut self) {
+        let (Some(rx), Some(analytics)) = (self.rules.as_mut(), self.analytics.as_mut()) else {
+            return;
+        };
+        if rx.has_changed().unwrap_or(false) {
+            let rules = rx.borrow_and_update().clone();
+            analytics.set_rules(rules, crate::model::now_micros(), &mut self.outputs);
+            self.collect_outputs();
+        }
+    }
+
+    /// Clock tick: a reloaded rule set, then time-based rules (silence).
     fn on_tick(&mut self) {
+        self.reload_rules();
         if let Some(analytics) = &mut self.analytics {
             analytics.tick(crate::model::now_micros(), &mut self.outputs);
             self.collect_outputs();

@@ -22,6 +22,8 @@ pub struct Gateway {
     pub http_port: u16,
     dir: tempfile::TempDir,
     config: PathBuf,
+    /// The test defaults `extra` tables are merged over.
+    base: String,
     /// Log lines of processes run before the current one.
     earlier_logs: String,
 }
@@ -41,24 +43,14 @@ impl Gateway {
              [http]\naddr = \"127.0.0.1:{http_port}\"\n",
             spool.display()
         );
-        let mut config: toml::Table = toml::from_str(&base).expect("base config");
-        let extra: toml::Table = toml::from_str(extra).expect("extra config is TOML");
-        for (name, table) in extra {
-            match (config.get_mut(&name), table) {
-                (Some(toml::Value::Table(into)), toml::Value::Table(from)) => into.extend(from),
-                (_, value) => {
-                    config.insert(name, value);
-                }
-            }
-        }
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, toml::to_string(&config).expect("render config"))
-            .expect("write gateway.toml");
+        std::fs::write(&path, merge_toml(&base, extra)).expect("write gateway.toml");
         let mut gw = Gateway {
             child: None,
             http_port,
             dir,
             config: path,
+            base,
             earlier_logs: String::new(),
         };
         gw.spawn();
@@ -105,6 +97,31 @@ impl Gateway {
         let current =
             std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
         format!("{}{current}", self.earlier_logs)
+    }
+
+    /// Rewrites the config file with other `extra` tables (the process
+    /// sees it at its next start or SIGHUP).
+    pub fn rewrite_config(&self, extra: &str) {
+        std::fs::write(&self.config, merge_toml(&self.base, extra)).expect("rewrite gateway.toml");
+    }
+
+    /// Writes `text` as the config file as it is (to test refusals).
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write gateway.toml");
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the running process.
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        !self.exited()
     }
 
     /// The spool directory.
@@ -167,6 +184,21 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `base` TOML with the tables of `extra` merged over it, as TOML text.
+fn merge_toml(base: &str, extra: &str) -> String {
+    let mut config: toml::Table = toml::from_str(base).expect("base config");
+    let extra: toml::Table = toml::from_str(extra).expect("extra config is TOML");
+    for (name, table) in extra {
+        match (config.get_mut(&name), table) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(from)) => into.extend(from),
+            (_, value) => {
+                config.insert(name, value);
+            }
+        }
+    }
+    toml::to_string(&config).expect("render config")
 }
 
 /// A minimal HTTP/1.0 GET: (status, body).
