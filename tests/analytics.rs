@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,28 +113,13 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
             )
         })
         .collect();
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
-    let mut child = Command::new(exe)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-q",
-            "1",
-            "-t",
-            "devices/boiler-1/telemetry",
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all((lines.join("\n") + "\n").as_bytes())
-            .expect("write");
-    }
-    assert!(child.wait().expect("mosquitto_pub").success());
+    mosquitto_pub(
+        broker.port(),
+        "devices/boiler-1/telemetry",
+        &lines,
+        Duration::ZERO,
+        &[],
+    );
 
     let client = db(&pg.url()).await;
     let n = wait_for_count(
@@ -355,28 +338,13 @@ fn publish_native(port: u16, device: &str, first_seq: usize, start_ms: i64, valu
             )
         })
         .collect();
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
-    let mut child = Command::new(exe)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            &format!("devices/{device}/telemetry"),
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all((lines.join("\n") + "\n").as_bytes())
-            .expect("write");
-    }
-    assert!(child.wait().expect("mosquitto_pub").success());
+    mosquitto_pub(
+        port,
+        &format!("devices/{device}/telemetry"),
+        &lines,
+        Duration::ZERO,
+        &[],
+    );
 }
 
 /// (rule, state, reason) of every alert, in time order.

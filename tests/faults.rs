@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -125,34 +123,16 @@ fn publish_lines(
     lines: Vec<String>,
     over: Duration,
 ) -> std::thread::JoinHandle<()> {
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
     let topic = topic.to_string();
+    let pause = over / lines.len().max(1) as u32;
     std::thread::spawn(move || {
-        let mut child = Command::new(exe)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                &topic,
-                "-l",
-            ])
-            .args(["-i", "ext-publisher", "--disable-clean-session"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub");
-        let pause = over / lines.len().max(1) as u32;
-        if let Some(stdin) = child.stdin.as_mut() {
-            for line in &lines {
-                writeln!(stdin, "{line}").expect("write to mosquitto_pub");
-                std::thread::sleep(pause);
-            }
-        }
-        drop(child.stdin.take());
-        assert!(child.wait().expect("mosquitto_pub exit").success());
+        mosquitto_pub(
+            port,
+            &topic,
+            &lines,
+            pause,
+            &["-i", "ext-publisher", "--disable-clean-session"],
+        );
     })
 }
 
@@ -400,7 +380,6 @@ async fn rows_the_database_rejects_become_dead_letters_without_blocking() {
         .batch_execute("ALTER TABLE edge.readings ADD CONSTRAINT plausible CHECK (value IS NULL OR value < 1000)")
         .await
         .expect("add constraint");
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
     let ts = now_ms() - 60_000;
     let mut lines = Vec::new();
     for i in 0..200 {
@@ -411,25 +390,15 @@ async fn rows_the_database_rejects_become_dead_letters_without_blocking() {
             ts + i
         ));
     }
-    let mut child = Command::new(exe)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-q",
-            "1",
-        ])
-        .args(["-t", "devices/tank-1/telemetry", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all((lines.join("\n") + "\n").as_bytes())
-            .expect("write");
-    }
-    assert!(blocking(|| child.wait()).expect("mosquitto_pub").success());
+    blocking(|| {
+        mosquitto_pub(
+            broker.port(),
+            "devices/tank-1/telemetry",
+            &lines,
+            Duration::ZERO,
+            &[],
+        )
+    });
     let stored = wait_for_count(
         &client,
         "SELECT count(*) FROM edge.readings",

@@ -270,15 +270,10 @@ fn broker_addr(url: &str) -> Result<(String, u16), SimError> {
     Ok((host.to_string(), port))
 }
 
-/// The topic shard of a device: FNV-1a of its id modulo `shards`, so
-/// operators can compute it anywhere (see deploy/SCALING.md).
+/// The topic shard of a device: [`edge_payload::device_hash`] of its id
+/// modulo `shards`, so operators can compute it anywhere (deploy/SCALING.md).
 pub fn topic_shard(device: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in device.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    (edge_payload::device_hash(device) % shards.max(1) as u64) as usize
 }
 
 /// The topic `device` publishes on.

@@ -57,14 +57,9 @@ pub struct Router {
     shards: Vec<Arc<Shard>>,
 }
 
-/// FNV-1a: stable across runs and platforms, fast for short ids.
+/// The shard of a device ([`edge_payload::device_hash`] modulo `shards`).
 pub fn shard_of(device: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in device.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    (edge_payload::device_hash(device) % shards.max(1) as u64) as usize
 }
 
 impl Router {

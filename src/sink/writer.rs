@@ -456,6 +456,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Spools `batch` and reports its messages durable; gives the batch
+    /// back when the spool cannot take it (full, or failing), so the caller
+    /// holds it and intake stops behind it.
+    fn spool_or_hold(
+        &mut self,
+        batch: SealedBatch,
+        done: &mpsc::UnboundedSender<Vec<u64>>,
+    ) -> Option<SealedBatch> {
+        match self.spool(&batch) {
+            Ok(()) => {
+                let _ = done.send(batch.message_ids());
+                None
+            }
+            Err(e) => {
+                if !matches!(e, SpoolError::Full { .. }) {
+                    tracing::error!(writer = self.id, error = %e, "cannot spool; holding the batch");
+                }
+                Some(batch)
+            }
+        }
+    }
+
     fn report_spool(&mut self) {
         let now = (self.spool.bytes(), self.spool.segments() as u64);
         let m = &self.ctx.metrics;
@@ -498,20 +520,18 @@ pub async fn run(
             }
         }
         if let Some(batch) = held.take() {
-            match w.spool(&batch) {
-                Ok(()) => {
-                    let _ = done.send(batch.message_ids());
-                }
-                Err(e) => {
-                    if !matches!(e, SpoolError::Full { .. }) {
-                        tracing::error!(writer = id, error = %e, "cannot spool; holding the batch");
-                    }
-                    held = Some(batch);
-                    let wait = w.retry_at.unwrap_or_else(|| Instant::now() + w.delay);
-                    tokio::time::sleep_until(wait.into()).await;
-                    w.retry_at = Some(Instant::now());
-                    continue;
-                }
+            // Nothing older waits in the spool: the database may take it.
+            if w.spool.is_empty() && w.write(&batch).await.is_ok() {
+                w.recovered();
+                let _ = done.send(batch.message_ids());
+                continue;
+            }
+            held = w.spool_or_hold(batch, &done);
+            if held.is_some() {
+                let wait = w.retry_at.unwrap_or_else(|| Instant::now() + w.delay);
+                tokio::time::sleep_until(wait.into()).await;
+                w.retry_at = Some(Instant::now());
+                continue;
             }
         }
         let next = if w.spool.is_empty() {
@@ -535,17 +555,7 @@ pub async fn run(
             }
         }
         // Behind the spool, or just failed: keep order by spooling.
-        match w.spool(&batch) {
-            Ok(()) => {
-                let _ = done.send(batch.message_ids());
-            }
-            Err(e) => {
-                if !matches!(e, SpoolError::Full { .. }) {
-                    tracing::error!(writer = id, error = %e, "cannot spool; holding the batch");
-                }
-                held = Some(batch);
-            }
-        }
+        held = w.spool_or_hold(batch, &done);
     }
     // Queue closed: shutting down. One last replay attempt; whatever stays
     // in the spool is replayed at the next start.

@@ -358,3 +358,39 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
             panic!("{name} not found: install it (Debian: apt-get install {package})")
         })
 }
+
+/// Publishes `lines` (one message each, QoS 1) with `mosquitto_pub -l`, a
+/// client that is not ours, pausing `pause` between lines; `args` are extra
+/// options (client id, session). Returns once mosquitto_pub has exited.
+pub fn mosquitto_pub(port: u16, topic: &str, lines: &[String], pause: Duration, args: &[&str]) {
+    use std::io::Write;
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let mut child = Command::new(exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn mosquitto_pub");
+    if let Some(mut stdin) = child.stdin.take() {
+        for line in lines {
+            writeln!(stdin, "{line}").expect("write to mosquitto_pub");
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+    assert!(
+        child.wait().expect("mosquitto_pub exit").success(),
+        "mosquitto_pub failed"
+    );
+}
