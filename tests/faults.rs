@@ -464,3 +464,90 @@ async fn a_full_spool_stops_intake_and_loses_nothing() {
     let client = db(&pg.url()).await;
     assert_landed(&client, &gateway, &config).await;
 }
+
+/// Database failover under load: a multi-host URL with
+/// target_session_attrs=read-write; the primary is demoted (read-only, its
+/// sessions ended, as Patroni does) and the gateway moves to the new primary.
+/// Every reading is in exactly one of the two, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_failover_to_a_new_primary_under_load() {
+    let old = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let new = LocalPostgres::start().expect("second PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    // The new primary has the schema, as a promoted replica would.
+    let new_client = db(&new.url()).await;
+    new_client
+        .batch_execute(&edge_gateway::sink::schema::ddl("edge"))
+        .await
+        .expect("schema on the new primary");
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        old.port(),
+        new.port()
+    );
+    let gateway = Gateway::start(&broker.url(), &url, "");
+    let start_ms = now_ms() - 3_600_000;
+    let config = paced(
+        sim(&broker.url(), Format::NativeCbor, 10, 600, start_ms),
+        100.0,
+        1,
+    );
+    let run = spawn_sim(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old_client = db(&old.url()).await;
+    for step in [
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'edge-gateway' AND pid <> pg_backend_pid()",
+    ] {
+        old_client
+            .simple_query(step)
+            .await
+            .expect("demote the old primary");
+    }
+    run.await.expect("sim");
+
+    let expected = firmware_sim::expected_readings(&config, start_ms);
+    let count = "SELECT count(*) FROM edge.readings";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut a, mut b) = (0, 0);
+    while std::time::Instant::now() < deadline {
+        a = old_client
+            .query_one(count, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1);
+        b = new_client
+            .query_one(count, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1);
+        if a + b >= expected.len() as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        a + b,
+        expected.len() as i64,
+        "old {a} + new {b}; log:\n{}",
+        gateway.log()
+    );
+    assert!(a > 0 && b > 0, "both primaries took part: old {a}, new {b}");
+    // Exactly once across both: no key twice, every expected key present.
+    let keys = "SELECT device_id, metric, (extract(epoch from time) * 1000)::int8, value FROM edge.readings";
+    let mut seen = std::collections::HashSet::new();
+    for client in [&old_client, &new_client] {
+        for row in client.query(keys, &[]).await.expect("rows") {
+            let key: (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+            assert!(seen.insert(key.clone()), "duplicate {key:?}");
+        }
+    }
+    for e in &expected {
+        assert!(
+            seen.contains(&(e.device.clone(), e.metric.clone(), e.ts_ms)),
+            "missing {e:?}"
+        );
+    }
+}

@@ -382,6 +382,12 @@ impl Writer {
                     // A partition was dropped behind the cache.
                     ctx.partitions.forget(&batch.partitions);
                 }
+                // A demoted primary answers read-only: reconnect, and a
+                // multi-host URL with target_session_attrs=read-write finds
+                // the new primary.
+                if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+                    self.client = None;
+                }
                 if self.client.as_ref().is_none_or(|c| c.is_closed()) {
                     self.client = None;
                     ctx.metrics.db_connected.store(false, Relaxed);
