@@ -347,6 +347,18 @@ fn publish_native(port: u16, device: &str, first_seq: usize, start_ms: i64, valu
     );
 }
 
+/// Waits until `edge.alerts` has `n` rows, and fails the test otherwise.
+async fn wait_for_alerts(client: &tokio_postgres::Client, n: i64) {
+    let got = wait_for_count(
+        client,
+        "SELECT count(*) FROM edge.alerts",
+        n,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(got, n, "alerts so far: {:?}", alerts(client).await);
+}
+
 /// (rule, state, reason) of every alert, in time order.
 async fn alerts(client: &tokio_postgres::Client) -> Vec<(String, String, String)> {
     client
@@ -370,16 +382,7 @@ async fn sighup_reloads_rules_without_dropping_data() {
     let start_ms = (now_ms() / 1000 - 3600) * 1000;
 
     publish_native(broker.port(), "boiler-2", 1, start_ms, &[20.0, 35.0]);
-    assert_eq!(
-        wait_for_count(
-            &client,
-            "SELECT count(*) FROM edge.alerts",
-            1,
-            Duration::from_secs(20)
-        )
-        .await,
-        1
-    );
+    wait_for_alerts(&client, 1).await;
 
     // "hot" moves to 50 and "cold" is new.
     gateway.rewrite_config(
@@ -388,27 +391,9 @@ async fn sighup_reloads_rules_without_dropping_data() {
          [[rules]]\nname = \"cold\"\nkind = \"below\"\nmetric = \"temperature\"\nthreshold = 10.0\n",
     );
     gateway.signal("HUP");
-    assert_eq!(
-        wait_for_count(
-            &client,
-            "SELECT count(*) FROM edge.alerts",
-            2,
-            Duration::from_secs(20)
-        )
-        .await,
-        2
-    );
+    wait_for_alerts(&client, 2).await;
     publish_native(broker.port(), "boiler-2", 3, start_ms, &[40.0, 5.0]);
-    assert_eq!(
-        wait_for_count(
-            &client,
-            "SELECT count(*) FROM edge.alerts",
-            3,
-            Duration::from_secs(20)
-        )
-        .await,
-        3
-    );
+    wait_for_alerts(&client, 3).await;
     // In time order: readings are an hour old, the reload's clear is now.
     let got = alerts(&client).await;
     assert_eq!(got[0], ("hot".into(), "raised".into(), String::new()));

@@ -26,6 +26,21 @@ fn config_file(text: &str) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// The first (text) column of `sql` on the database at `url`.
+fn column(url: &str, sql: &str) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = common::db(url).await;
+        client
+            .query(sql, &[])
+            .await
+            .expect(sql)
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    })
+}
+
 #[test]
 fn check_config_prints_effective_config_without_secrets() {
     let (_dir, path) = config_file(
@@ -116,32 +131,29 @@ fn migrate_creates_schema_and_partitions() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let client = common::db(&pg.url()).await;
-        let tables: Vec<String> = client
-            .query(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'edge' ORDER BY 1",
-                &[],
-            )
-            .await
-            .expect("tables")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for t in ["alerts", "dead_letters", "device_watermarks", "rollups_1m"] {
-            assert!(
-                tables.contains(&t.to_string()),
-                "{t} missing from {tables:?}"
-            );
-        }
-        // Yesterday, today and three ahead.
-        let partitions = tables
-            .iter()
-            .filter(|t| t.starts_with("readings_p"))
-            .count();
-        assert_eq!(partitions, 5, "{tables:?}");
-    });
+    let tables = column(
+        &pg.url(),
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'edge' ORDER BY 1",
+    );
+    for t in [
+        "alerts",
+        "dead_letters",
+        "device_watermarks",
+        "rollups_1m",
+        "message_ids",
+        "applied_batches",
+    ] {
+        assert!(
+            tables.contains(&t.to_string()),
+            "{t} missing from {tables:?}"
+        );
+    }
+    // Yesterday, today and three ahead.
+    let partitions = tables
+        .iter()
+        .filter(|t| t.starts_with("readings_p"))
+        .count();
+    assert_eq!(partitions, 5, "{tables:?}");
 }
 
 #[test]
@@ -227,21 +239,14 @@ fn migrate_creates_the_cdc_publication_when_asked() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let client = common::db(&pg.url()).await;
-        let tables: Vec<String> = client
-            .query(
-                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'edge_cdc' ORDER BY 1",
-                &[],
-            )
-            .await
-            .expect("publication tables")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert_eq!(tables, vec!["edge.alerts".to_string(), "edge.readings".to_string()]);
-    });
+    let tables = column(
+        &pg.url(),
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'edge_cdc' ORDER BY 1",
+    );
+    assert_eq!(
+        tables,
+        vec!["edge.alerts".to_string(), "edge.readings".to_string()]
+    );
 }
 
 #[test]
