@@ -106,7 +106,7 @@ fn main() {
     let pg = LocalPostgres::start().unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(async {
         let pg_config: tokio_postgres::Config = pg.url().parse().unwrap_or_else(|e| panic!("{e}"));
-        let mut client = connect(&pg_config).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut client = connect(&pg_config.clone().into()).await.unwrap_or_else(|e| panic!("{e}"));
         schema::create(&mut client, "edge").await.unwrap_or_else(|e| panic!("{e}"));
         let partitions = Arc::new(Partitions::new("edge", PartitionInterval::Daily));
         let start_ms = edge_gateway::model::now_micros() / 1000 - 3_600_000;
@@ -116,7 +116,7 @@ fn main() {
         partitions.ensure(&mut client, &all).await.unwrap_or_else(|e| panic!("{e}"));
         let rows: usize = senml.iter().map(|b| b.reading_rows).sum();
         let ctx = WriterContext {
-            pg: pg_config.clone(),
+            db: pg_config.clone().into(),
             schema: "edge".into(),
             partitions: partitions.clone(),
             metrics: Arc::new(Metrics::default()),

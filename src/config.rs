@@ -17,6 +17,9 @@ pub const ENV_MQTT_URL: &str = "GATEWAY_MQTT_URL";
 pub const ENV_DATABASE_URL: &str = "GATEWAY_DATABASE_URL";
 /// Environment variable overriding `http.addr`.
 pub const ENV_HTTP_ADDR: &str = "GATEWAY_HTTP_ADDR";
+/// Environment variable holding the broker password (wins over
+/// `mqtt.password_file`).
+pub const ENV_MQTT_PASSWORD: &str = "GATEWAY_MQTT_PASSWORD";
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,18 @@ pub struct MqttConfig {
     pub reconnect_max_ms: u64,
     /// Largest accepted payload in bytes; larger ones are dead letters.
     pub max_payload_bytes: usize,
+    /// PEM file of the CA that signs the broker's certificate; needed for
+    /// `mqtts://` (the certificate and host name are verified).
+    pub ca_file: String,
+    /// PEM client certificate (chain) for brokers that require one; "" = none.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+    /// User name for the broker; "" = none.
+    pub username: String,
+    /// File whose first line is the broker password (`GATEWAY_MQTT_PASSWORD`
+    /// wins). The password itself is never logged or printed.
+    pub password_file: String,
 }
 
 impl Default for MqttConfig {
@@ -112,6 +127,11 @@ impl Default for MqttConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 10_000,
             max_payload_bytes: 1 << 20,
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            username: String::new(),
+            password_file: String::new(),
         }
     }
 }
@@ -158,6 +178,10 @@ pub struct DatabaseConfig {
     /// Delay before retrying a failed batch, in milliseconds (doubles up to
     /// 10 s while the database stays unreachable).
     pub retry_min_ms: u64,
+    /// PEM file of the CA that signs the server certificate. When set,
+    /// connections use TLS (rustls: chain and host name verified), as
+    /// `sslmode=prefer` or `require` in the URL asks; `require` needs it.
+    pub ca_file: String,
     /// Name of a logical-replication publication over `readings` and
     /// `alerts` that `migrate` creates, for downstream change data capture
     /// (logical replication subscribers, Debezium); "" = none.
@@ -177,6 +201,7 @@ impl Default for DatabaseConfig {
             retention_days: 30,
             retry_min_ms: 200,
             publication: String::new(),
+            ca_file: String::new(),
         }
     }
 }
@@ -273,11 +298,12 @@ impl Default for HttpConfig {
     }
 }
 
-/// A parsed `mqtt://host:port` address.
+/// A parsed `mqtt://host:port` (or `mqtts://`) address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 /// A topic filter with one `+` level whose match is the device id.
@@ -401,6 +427,29 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.broker_addr()?;
         let m = &self.mqtt;
+        if self.broker_addr()?.tls && m.ca_file.is_empty() {
+            return Err(invalid(
+                "mqtt.ca_file",
+                "mqtts:// needs the CA certificate that signs the broker's",
+            ));
+        }
+        if m.cert_file.is_empty() != m.key_file.is_empty() {
+            return Err(invalid(
+                "mqtt.key_file",
+                "give both mqtt.cert_file and mqtt.key_file, or neither",
+            ));
+        }
+        for (key, path) in [
+            ("mqtt.ca_file", &m.ca_file),
+            ("mqtt.cert_file", &m.cert_file),
+            ("mqtt.key_file", &m.key_file),
+            ("mqtt.password_file", &m.password_file),
+            ("database.ca_file", &self.database.ca_file),
+        ] {
+            if !path.is_empty() && std::fs::metadata(path).is_err() {
+                return Err(invalid(key, format!("cannot read {path}")));
+            }
+        }
         if m.client_id.is_empty() || m.client_id.len() > 64 {
             return Err(invalid("mqtt.client_id", "must be 1 to 64 characters"));
         }
@@ -439,7 +488,13 @@ impl Config {
                 "expected postgresql://user@host:port/db or key=value pairs",
             ));
         }
-        self.pg_config()?;
+        let pg = self.pg_config()?;
+        if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require && d.ca_file.is_empty() {
+            return Err(invalid(
+                "database.ca_file",
+                "sslmode=require needs the CA certificate that signs the server's",
+            ));
+        }
         if !valid_identifier(&d.schema) {
             return Err(invalid(
                 "database.schema",
@@ -544,21 +599,20 @@ impl Config {
     /// [`ConfigError::Invalid`] for `mqtt.url`.
     pub fn broker_addr(&self) -> Result<BrokerAddr, ConfigError> {
         let url = &self.mqtt.url;
-        if url.starts_with("mqtts://") {
-            return Err(invalid(
-                "mqtt.url",
-                "mqtts:// (TLS) is not supported by this build yet",
-            ));
-        }
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| {
-                invalid(
+        let (rest, tls) = match (
+            url.strip_prefix("mqtts://"),
+            url.strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://")),
+        ) {
+            (Some(rest), _) => (rest, true),
+            (None, Some(rest)) => (rest, false),
+            (None, None) => {
+                return Err(invalid(
                     "mqtt.url",
-                    format!("expected mqtt://host:port, got {url:?}"),
-                )
-            })?;
+                    format!("expected mqtt://host:port or mqtts://host:port, got {url:?}"),
+                ))
+            }
+        };
         let rest = rest.trim_end_matches('/');
         if rest.contains('@') || rest.contains('/') {
             return Err(invalid(
@@ -573,7 +627,7 @@ impl Config {
                     invalid("mqtt.url", format!("port {port:?} is not a number 1-65535"))
                 })?,
             ),
-            None => (rest, 1883),
+            None => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || port == 0 {
@@ -582,6 +636,7 @@ impl Config {
         Ok(BrokerAddr {
             host: host.to_string(),
             port,
+            tls,
         })
     }
 
@@ -621,6 +676,41 @@ impl Config {
             pg.application_name("edge-gateway");
         }
         Ok(pg)
+    }
+
+    /// The broker password: `GATEWAY_MQTT_PASSWORD`, else the first line of
+    /// `mqtt.password_file`, else none.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the file cannot be read.
+    pub fn mqtt_password(&self) -> Result<Option<String>, ConfigError> {
+        if let Ok(password) = std::env::var(ENV_MQTT_PASSWORD) {
+            return Ok(Some(password));
+        }
+        if self.mqtt.password_file.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.mqtt.password_file)
+            .map_err(|e| invalid("mqtt.password_file", format!("cannot read it: {e}")))?;
+        Ok(Some(text.lines().next().unwrap_or("").to_string()))
+    }
+
+    /// Connection settings and, when `database.ca_file` is set, TLS.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for `database.url` or `database.ca_file`.
+    pub fn db(&self) -> Result<crate::sink::writer::Db, ConfigError> {
+        let tls = if self.database.ca_file.is_empty() {
+            None
+        } else {
+            let config = crate::tls::client_config(&self.database.ca_file, "", "")
+                .map_err(|e| invalid("database.ca_file", e.to_string()))?;
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        };
+        Ok(crate::sink::writer::Db {
+            pg: self.pg_config()?,
+            tls,
+        })
     }
 
     /// Shard count with `0` resolved to the number of cores.
@@ -752,6 +842,9 @@ mod tests {
             ("[database]\nbatch_rows = 0", "database.batch_rows"),
             ("[database]\nschema = \"Edge; drop\"", "database.schema"),
             ("[mqtt]\nurl = \"http://x\"", "mqtt.url"),
+            ("[mqtt]\nurl = \"mqtts://x\"", "mqtt.ca_file"),
+            ("[mqtt]\ncert_file = \"/etc/hostname\"", "mqtt.key_file"),
+            ("[mqtt]\nca_file = \"/nonexistent.pem\"", "mqtt.ca_file"),
             ("[mqtt]\ntopics = [\"devices/#\"]", "mqtt.topics[0]"),
             ("[http]\naddr = \"nope\"", "http.addr"),
         ] {
@@ -777,7 +870,8 @@ mod tests {
             config.broker_addr().ok(),
             Some(BrokerAddr {
                 host: "b".into(),
-                port: 2
+                port: 2,
+                tls: false
             })
         );
     }

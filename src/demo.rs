@@ -160,10 +160,8 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
     }
 
     println!("demo: published {published} readings; read back from PostgreSQL:");
-    let pg_config = config
-        .pg_config()
-        .map_err(|e| DemoError::Other(e.to_string()))?;
-    let client = crate::sink::writer::connect(&pg_config).await?;
+    let db = config.db().map_err(|e| DemoError::Other(e.to_string()))?;
+    let client = crate::sink::writer::connect(&db).await?;
     let rows = client
         .query(
             "SELECT tableoid::regclass::text, count(*), count(DISTINCT device_id), min(time)::text, max(time)::text \

@@ -45,8 +45,7 @@ pub enum PipelineError {
 /// # Errors
 /// Any database error.
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
-    let pg = config.pg_config()?;
-    let mut client = writer::connect(&pg).await?;
+    let mut client = writer::connect(&config.db()?).await?;
     schema::create(&mut client, &config.database.schema).await?;
     if !config.database.publication.is_empty() {
         schema::create_publication(
@@ -176,7 +175,7 @@ async fn run_inner(
     }
     metrics.db_connected.store(true, Relaxed);
 
-    let pg = config.pg_config()?;
+    let pg = config.db()?;
     let router = Arc::new(Router::new(
         config.shard_count(),
         config.pipeline.ring_capacity,
@@ -293,14 +292,14 @@ async fn run_inner(
 
 fn writer_context(
     config: &Config,
-    pg: &tokio_postgres::Config,
+    pg: &writer::Db,
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
     shutdown: CancellationToken,
     alerts: Option<mpsc::UnboundedSender<(Arc<str>, String)>>,
 ) -> Arc<writer::WriterContext> {
     Arc::new(writer::WriterContext {
-        pg: pg.clone(),
+        db: pg.clone(),
         schema: config.database.schema.clone(),
         partitions: partitions.clone(),
         metrics: metrics.clone(),
@@ -343,7 +342,7 @@ fn open_spools(
 async fn replay_orphan_spools(
     config: &Config,
     writers: usize,
-    pg: &tokio_postgres::Config,
+    pg: &writer::Db,
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), PipelineError> {
@@ -378,7 +377,7 @@ async fn replay_orphan_spools(
 /// from the database, then what waits in the spools (newer still).
 async fn load_dedup(
     config: &Config,
-    pg: &tokio_postgres::Config,
+    pg: &writer::Db,
     shards: usize,
     spools: &[Spool],
 ) -> Result<Vec<Dedup>, PipelineError> {
@@ -437,7 +436,7 @@ async fn load_dedup(
 
 /// Creates partitions ahead and drops expired ones every ten minutes.
 async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: CancellationToken) {
-    let Ok(pg) = config.pg_config() else {
+    let Ok(pg) = config.db() else {
         return; // validated at start
     };
     let mut tick = tokio::time::interval(Duration::from_secs(600));

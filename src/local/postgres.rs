@@ -24,6 +24,8 @@ pub struct LocalPostgres {
     port: u16,
     as_postgres: bool,
     child: Option<Child>,
+    /// Extra `-c name=value` settings.
+    settings: Vec<String>,
 }
 
 /// Where `initdb` and `postgres` live: `$PG_BIN`, then the newest
@@ -109,6 +111,7 @@ impl LocalPostgres {
             port: 0,
             as_postgres,
             child: None,
+            settings: Vec::new(),
         };
         let data = pg.data_dir();
         let mut initdb = pg.command("initdb");
@@ -122,6 +125,36 @@ impl LocalPostgres {
             "--no-sync",
         ]);
         run(initdb, "initdb")?;
+        pg.launch()?;
+        Ok(pg)
+    }
+
+    /// Like [`start`](Self::start), serving TLS with the PEM certificate and
+    /// key given (copied into the cluster's directory, key mode 0600).
+    ///
+    /// # Errors
+    /// As for [`start`](Self::start), or when the files cannot be copied.
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<LocalPostgres, LocalError> {
+        let mut pg = LocalPostgres::start()?;
+        pg.stop();
+        let (crt, k) = (pg.dir().join("server.crt"), pg.dir().join("server.key"));
+        std::fs::copy(cert, &crt).map_err(io_err("copy the server certificate"))?;
+        std::fs::copy(key, &k).map_err(io_err("copy the server key"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("chmod the server key"))?;
+        if pg.as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            for f in [&crt, &k] {
+                std::os::unix::fs::chown(f, Some(uid), Some(gid))
+                    .map_err(io_err("chown the TLS files"))?;
+            }
+        }
+        pg.settings = vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", crt.display()),
+            format!("ssl_key_file={}", k.display()),
+        ];
         pg.launch()?;
         Ok(pg)
     }
@@ -182,6 +215,7 @@ impl LocalPostgres {
                 "-c",
                 "max_connections=100",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

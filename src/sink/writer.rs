@@ -50,7 +50,7 @@ const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// What every writer shares.
 #[derive(Debug)]
 pub struct WriterContext {
-    pub pg: tokio_postgres::Config,
+    pub db: Db,
     pub schema: String,
     pub partitions: Arc<Partitions>,
     pub metrics: Arc<Metrics>,
@@ -74,18 +74,55 @@ pub enum WriteError {
     Spool(#[from] SpoolError),
 }
 
+/// Where the database is and how to talk to it (TLS or not).
+#[derive(Clone)]
+pub struct Db {
+    pub pg: tokio_postgres::Config,
+    /// TLS with verified certificates, when `database.ca_file` is set.
+    pub tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<tokio_postgres::Config> for Db {
+    fn from(pg: tokio_postgres::Config) -> Db {
+        Db { pg, tls: None }
+    }
+}
+
 /// Opens a connection and drives it in a background task.
 ///
 /// # Errors
 /// When the database cannot be reached or refuses the login.
-pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "database connection ended");
+pub async fn connect(db: &Db) -> Result<Client, tokio_postgres::Error> {
+    fn drive<F>(connection: F)
+    where
+        F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "database connection ended");
+            }
+        });
+    }
+    match &db.tls {
+        Some(tls) => {
+            let (client, connection) = db.pg.connect(tls.clone()).await?;
+            drive(connection);
+            Ok(client)
         }
-    });
-    Ok(client)
+        None => {
+            let (client, connection) = db.pg.connect(NoTls).await?;
+            drive(connection);
+            Ok(client)
+        }
+    }
 }
 
 /// The server's own words for a database error (SQLSTATE, message,
@@ -356,7 +393,7 @@ impl Writer {
         let result = tokio::time::timeout(timeout, async {
             let mut client = match reuse {
                 Some(client) => client,
-                None => connect(&ctx.pg).await?,
+                None => connect(&ctx.db).await?,
             };
             let result = match commit(&mut client, &ctx, batch, false).await {
                 Err(e) if is_permanent(&e) => {

@@ -27,6 +27,8 @@ pub enum MqttError {
     Config(#[from] crate::config::ConfigError),
     #[error("mqtt client request failed: {0}")]
     Client(String),
+    #[error("mqtt TLS settings: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn client_error(e: impl std::fmt::Display) -> MqttError {
@@ -124,6 +126,17 @@ pub fn start(
     );
     // Room for every ack of a full receive window, plus subscribes.
     let capacity = usize::from(m.receive_maximum) + 64;
+    let transport = if addr.tls {
+        let tls = crate::tls::client_config(&m.ca_file, &m.cert_file, &m.key_file)?;
+        Some(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ))
+    } else {
+        None
+    };
+    let password = config.mqtt_password()?;
+    let credentials =
+        (!m.username.is_empty()).then(|| (m.username.clone(), password.unwrap_or_default()));
     match m.protocol {
         Protocol::V311 => {
             let mut options = rumqttc::MqttOptions::new(&m.client_id, &addr.host, addr.port);
@@ -133,6 +146,12 @@ pub fn start(
                 .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
                 .set_max_packet_size(m.max_payload_bytes + 1024, 64 * 1024)
                 .set_request_channel_capacity(capacity);
+            if let Some(transport) = transport {
+                options.set_transport(transport);
+            }
+            if let Some((user, password)) = credentials {
+                options.set_credentials(user, password);
+            }
             let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
             tokio::spawn(drive(eventloop, events, backoff, stop));
             Ok(MqttClient::V4(client))
@@ -147,6 +166,12 @@ pub fn start(
                 .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
                 .set_max_packet_size(Some((m.max_payload_bytes + 1024) as u32))
                 .set_request_channel_capacity(capacity);
+            if let Some(transport) = transport {
+                options.set_transport(transport);
+            }
+            if let Some((user, password)) = credentials {
+                options.set_credentials(user, password);
+            }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
             tokio::spawn(drive(eventloop, events, backoff, stop));
             Ok(MqttClient::V5(client))
