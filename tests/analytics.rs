@@ -201,6 +201,11 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
         .unwrap_or(-1);
     assert_eq!(rolled, finished);
     assert_eq!(gateway.metric("edge_gateway_alerts_total"), Some(2.0));
+    let text = gateway.metrics();
+    for state in ["raised", "cleared"] {
+        let line = format!("edge_gateway_alerts_by_rule_total{{rule=\"hot\",state=\"{state}\"}} 1");
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
 }
 
 /// Simulated devices with injected anomalies: the threshold rule sees

@@ -91,6 +91,11 @@ async fn metrics_match_what_was_published_and_committed() {
     assert_eq!(m("edge_gateway_mqtt_connected"), 1.0);
     assert_eq!(m("edge_gateway_db_connected"), 1.0);
     assert!(text.contains("edge_gateway_copy_seconds_bucket{le=\"+Inf\"}"));
+    // One reading-to-commit sample per committed message with rows.
+    assert_eq!(
+        m("edge_gateway_reading_to_commit_seconds_count"),
+        (summary.messages - summary.malformed) as f64
+    );
     assert!(text.contains("edge_gateway_ring_occupancy{shard=\"0\"}"));
     assert!(text
         .lines()

@@ -166,6 +166,9 @@ impl Worker {
         self.metrics
             .alerts
             .fetch_add(o.alerts.len() as u64, Relaxed);
+        for a in &o.alerts {
+            self.metrics.alert(&a.rule, a.state);
+        }
         self.metrics.late_readings.fetch_add(o.late, Relaxed);
         o.late = 0;
         if self.deadline.is_none() {

@@ -44,6 +44,8 @@ pub struct MessageEntry {
     /// Byte range of its rows in the readings stream (empty for dead letters).
     pub rows: Range<usize>,
     pub row_count: u32,
+    /// Newest reading time among its rows (0 when it has none).
+    pub newest: Micros,
     /// Identity to record in `message_ids` (payloads without a sequence).
     pub identity: Option<u128>,
 }
@@ -150,6 +152,7 @@ impl Batch {
             payload: message.payload.clone(),
             rows: 0..0,
             row_count: 0,
+            newest: 0,
             identity: None,
         }
     }
@@ -183,6 +186,7 @@ impl Batch {
         );
         entry.rows = start..self.readings.len();
         entry.row_count = readings.len() as u32;
+        entry.newest = readings.iter().map(|r| r.time).max().unwrap_or(0);
         entry.identity = identity;
         if let (Some(window), Some(device)) = (window, &message.device) {
             match self.watermarks.iter_mut().find(|(d, _)| d == device) {
@@ -336,6 +340,7 @@ impl SealedBatch {
             b.put_u64(m.rows.start as u64);
             b.put_u64(m.rows.end as u64);
             b.put_u32(m.row_count);
+            b.put_i64(m.newest);
             match m.identity {
                 Some(id) => {
                     b.put_u8(1);
@@ -396,6 +401,7 @@ impl SealedBatch {
                 return None;
             }
             let row_count = get_u32(b)?;
+            let newest = get_i64(b)?;
             let identity = match get_u8(b)? {
                 0 => None,
                 1 => Some(get_u128(b)?),
@@ -409,6 +415,7 @@ impl SealedBatch {
                 payload,
                 rows,
                 row_count,
+                newest,
                 identity,
             });
         }
@@ -452,7 +459,7 @@ impl SealedBatch {
     }
 }
 
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 
 fn put_bytes(b: &mut BytesMut, data: &[u8]) {
     b.put_u32(data.len() as u32);

@@ -348,6 +348,7 @@ mod tests {
                 payload: Bytes::from_static(b"{}"),
                 rows: 0..readings.len(),
                 row_count: rows as u32,
+                newest: 7,
                 identity: Some(u128::MAX - n as u128),
             }],
             watermarks: vec![(Arc::from("d"), SeqWindow::starting_at(n as u64))],

@@ -446,6 +446,11 @@ impl Writer {
         m.receive_to_commit_latency
             .observe_micros((now_micros() - batch.oldest_received).max(0) as u64);
         if !done.already_applied {
+            let now = now_micros();
+            for msg in batch.messages.iter().filter(|msg| msg.row_count > 0) {
+                m.reading_to_commit_latency
+                    .observe_micros((now - msg.newest).max(0) as u64);
+            }
             if let Some(alerts) = &ctx.alerts {
                 for n in &batch.notifications {
                     let _ = alerts.send(n.clone());

@@ -91,6 +91,11 @@ pub struct Metrics {
     pub mqtt_subscribed: AtomicBool,
     pub db_connected: AtomicBool,
     pub copy_latency: Histogram,
+    /// From a message's newest reading timestamp to its commit: the
+    /// publish-to-commit latency for devices that stamp readings as they
+    /// publish.
+    pub reading_to_commit_latency: Histogram,
+    alerts_by_rule: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     pub receive_to_commit_latency: Histogram,
     ring_occupancy: Mutex<Vec<usize>>,
 }
@@ -101,6 +106,15 @@ impl Metrics {
         if let Some(i) = DEAD_LETTER_REASONS.iter().position(|r| *r == reason) {
             self.dead_letters[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// Counts one alert transition of `rule` (alerts are rare: a lock is fine).
+    pub fn alert(&self, rule: &str, state: &'static str) {
+        let mut map = self
+            .alerts_by_rule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *map.entry((rule.to_string(), state)).or_insert(0) += 1;
     }
 
     /// Dead letters counted so far, all reasons.
@@ -277,6 +291,24 @@ impl Metrics {
         {
             let _ = writeln!(out, "edge_gateway_ring_occupancy{{shard=\"{shard}\"}} {n}");
         }
+        let _ = writeln!(out, "# HELP edge_gateway_alerts_by_rule_total Alert transitions by rule and state.\n# TYPE edge_gateway_alerts_by_rule_total counter");
+        for ((rule, state), n) in self
+            .alerts_by_rule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let rule = rule.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "edge_gateway_alerts_by_rule_total{{rule=\"{rule}\",state=\"{state}\"}} {n}"
+            );
+        }
+        self.reading_to_commit_latency.render(
+            &mut out,
+            "edge_gateway_reading_to_commit_seconds",
+            "From each message's newest reading timestamp to its commit (publish-to-commit for devices that stamp at publish).",
+        );
         self.copy_latency.render(
             &mut out,
             "edge_gateway_copy_seconds",
