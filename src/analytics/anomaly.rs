@@ -232,11 +232,6 @@ impl Detector {
         self.recent.push_back((now, out));
         out
     }
-
-    /// Readings seen.
-    pub fn seen(&self) -> u64 {
-        self.n
-    }
 }
 
 #[cfg(test)]

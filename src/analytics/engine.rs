@@ -198,11 +198,6 @@ impl Analytics {
         }
     }
 
-    /// Series tracked.
-    pub fn series(&self) -> usize {
-        self.devices.values().map(|d| d.series.len()).sum()
-    }
-
     /// One numeric reading of `metric` from `device` at `t`, received at
     /// `now` (silence is about arrival, not reading time).
     pub fn observe(

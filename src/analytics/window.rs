@@ -230,15 +230,6 @@ impl Reorder {
     /// Releases, in time order, the readings older than newest - lateness.
     pub fn release(&mut self, mut out: impl FnMut(Micros, f64)) {
         let until = self.newest.saturating_sub(self.lateness);
-        self.release_until(until, &mut out);
-    }
-
-    /// Releases everything held (at shutdown or for replay's end).
-    pub fn flush(&mut self, mut out: impl FnMut(Micros, f64)) {
-        self.release_until(Micros::MAX, &mut out);
-    }
-
-    fn release_until(&mut self, until: Micros, out: &mut impl FnMut(Micros, f64)) {
         while let Some(&Reverse((t, _, v))) = self.heap.peek() {
             if t > until {
                 break;
@@ -247,11 +238,6 @@ impl Reorder {
             self.released = t;
             out(t, v.0);
         }
-    }
-
-    /// Readings held back.
-    pub fn held(&self) -> usize {
-        self.heap.len()
     }
 }
 

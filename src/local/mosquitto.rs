@@ -4,7 +4,7 @@
 //! user lines are replaced with the test's own.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -133,11 +133,6 @@ impl Mosquitto {
     /// `mqtt://127.0.0.1:port`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// The broker's temp dir (config, persistence, log).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Stops the broker (SIGTERM: it saves its persistence file).
