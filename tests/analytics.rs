@@ -102,23 +102,14 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
     let values = [
         20.0, 20.0, 20.0, 20.0, 20.0, 35.0, 29.0, 35.0, 36.0, 35.0, 20.0, 20.0, 20.0, 20.0, 20.0,
     ];
-    let lines: Vec<String> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            format!(
-                r#"{{"seq":{},"ts":{},"m":{{"temperature":{v}}}}}"#,
-                i + 1,
-                start + i as i64 * 10_000
-            )
-        })
-        .collect();
-    mosquitto_pub(
+    // Reading i + 1 at start + (i + 1) * 10 s.
+    publish_native(
         broker.port(),
-        "devices/boiler-1/telemetry",
-        &lines,
-        Duration::ZERO,
-        &[],
+        "boiler-1",
+        1,
+        start - 10_000,
+        10_000,
+        &values,
     );
 
     let client = db(&pg.url()).await;
@@ -330,8 +321,16 @@ threshold = 0.5
     assert!(summary.readings > 0);
 }
 
-/// Publishes native JSON lines for one device with mosquitto_pub.
-fn publish_native(port: u16, device: &str, first_seq: usize, start_ms: i64, values: &[f64]) {
+/// Publishes native JSON lines for one device with mosquitto_pub: reading
+/// `first_seq + i` has value `values[i]` at `start_ms + (first_seq + i) * step_ms`.
+fn publish_native(
+    port: u16,
+    device: &str,
+    first_seq: usize,
+    start_ms: i64,
+    step_ms: i64,
+    values: &[f64],
+) {
     let lines: Vec<String> = values
         .iter()
         .enumerate()
@@ -339,7 +338,7 @@ fn publish_native(port: u16, device: &str, first_seq: usize, start_ms: i64, valu
             format!(
                 r#"{{"seq":{},"ts":{},"m":{{"temperature":{v}}}}}"#,
                 first_seq + i,
-                start_ms + (first_seq + i) as i64 * 1000
+                start_ms + (first_seq + i) as i64 * step_ms
             )
         })
         .collect();
@@ -386,7 +385,7 @@ async fn sighup_reloads_rules_without_dropping_data() {
     let client = db(&pg.url()).await;
     let start_ms = (now_ms() / 1000 - 3600) * 1000;
 
-    publish_native(broker.port(), "boiler-2", 1, start_ms, &[20.0, 35.0]);
+    publish_native(broker.port(), "boiler-2", 1, start_ms, 1000, &[20.0, 35.0]);
     wait_for_alerts(&client, 1).await;
 
     // "hot" moves to 50 and "cold" is new.
@@ -397,7 +396,7 @@ async fn sighup_reloads_rules_without_dropping_data() {
     );
     gateway.signal("HUP");
     wait_for_alerts(&client, 2).await;
-    publish_native(broker.port(), "boiler-2", 3, start_ms, &[40.0, 5.0]);
+    publish_native(broker.port(), "boiler-2", 3, start_ms, 1000, &[40.0, 5.0]);
     wait_for_alerts(&client, 3).await;
     // In time order: readings are an hour old, the reload's clear is now.
     let got = alerts(&client).await;
@@ -420,7 +419,7 @@ async fn sighup_reloads_rules_without_dropping_data() {
         "log:\n{}",
         gateway.log()
     );
-    publish_native(broker.port(), "boiler-2", 5, start_ms, &[60.0]);
+    publish_native(broker.port(), "boiler-2", 5, start_ms, 1000, &[60.0]);
     assert_eq!(
         wait_for_count(
             &client,

@@ -26,6 +26,19 @@ fn config_file(text: &str) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// Runs `migrate` with `config` against `url` and asserts it succeeded.
+fn migrate_ok(config: &str, url: &str) {
+    let out = gateway(
+        &["migrate", "--config", config],
+        &[("GATEWAY_DATABASE_URL", url)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The first (text) column of `sql` on the database at `url`.
 fn column(url: &str, sql: &str) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -119,18 +132,9 @@ fn bad_config_names_the_key_and_the_reason() {
 fn migrate_creates_schema_and_partitions() {
     let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
     let (_dir, path) = config_file("[database]\npartitions_ahead = 3\n");
-    for _ in 0..2 {
-        // Idempotent: a second run changes nothing and succeeds.
-        let out = gateway(
-            &["migrate", "--config", &path],
-            &[("GATEWAY_DATABASE_URL", &pg.url())],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    // Idempotent: a second run changes nothing and succeeds.
+    migrate_ok(&path, &pg.url());
+    migrate_ok(&path, &pg.url());
     let tables = column(
         &pg.url(),
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'edge' ORDER BY 1",
@@ -230,15 +234,7 @@ fn replay_scores_every_row_and_the_spike_highest() {
 fn migrate_creates_the_cdc_publication_when_asked() {
     let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
     let (_dir, path) = config_file("[database]\npublication = \"edge_cdc\"\n");
-    let out = gateway(
-        &["migrate", "--config", &path],
-        &[("GATEWAY_DATABASE_URL", &pg.url())],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate_ok(&path, &pg.url());
     let tables = column(
         &pg.url(),
         "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'edge_cdc' ORDER BY 1",
