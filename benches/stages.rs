@@ -135,7 +135,8 @@ fn bench_analytics(c: &mut Criterion) {
             .iter()
             .map(|s| Window::new(s * 1_000_000, 512))
             .collect();
-        let mut detector = Detector::new(AnomalyConfig::default());
+        let anomaly = AnomalyConfig::default();
+        let mut detector = Detector::new(&anomaly);
         let mut state = RuleState::default();
         let mut t = 0i64;
         b.iter(|| {
@@ -144,7 +145,7 @@ fn bench_analytics(c: &mut Criterion) {
             for w in &mut windows {
                 w.push(t, v);
             }
-            let score = detector.update(v);
+            let score = detector.update(&anomaly, v);
             state.update(&rule, t, v, score)
         })
     });

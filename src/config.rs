@@ -569,6 +569,9 @@ impl Config {
         if !(a.lateness_secs >= 0.0 && a.lateness_secs <= 3600.0) {
             return Err(invalid("analytics.lateness_secs", "must be 0 to 3600"));
         }
+        self.anomaly
+            .validate()
+            .map_err(|(key, reason)| invalid(&key, reason))?;
         if !a.notify_channel.is_empty() && !valid_identifier(&a.notify_channel) {
             return Err(invalid(
                 "analytics.notify_channel",

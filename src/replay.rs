@@ -73,7 +73,7 @@ pub fn run(config: &Config, input: &Path, output: &Path) -> Result<ReplayStats, 
     let reader = std::io::BufReader::new(std::fs::File::open(input).map_err(io(input))?);
     let mut out = BufWriter::new(std::fs::File::create(output).map_err(io(output))?);
     writeln!(out, "timestamp,value,anomaly_score").map_err(io(output))?;
-    let mut detector = Detector::new(config.anomaly.clone());
+    let mut detector = Detector::new(&config.anomaly);
     let mut stats = ReplayStats::default();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io(input))?;
@@ -97,7 +97,7 @@ pub fn run(config: &Config, input: &Path, output: &Path) -> Result<ReplayStats, 
         if !v.is_finite() {
             return Err(bad("value is not finite"));
         }
-        let score = detector.update(v);
+        let score = detector.update(&config.anomaly, v);
         stats.rows += 1;
         stats.max_score = stats.max_score.max(score);
         writeln!(out, "{ts},{},{score:.6}", value.trim()).map_err(io(output))?;

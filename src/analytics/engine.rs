@@ -159,7 +159,7 @@ impl Series {
                 .iter()
                 .map(|&s| Window::new(s as Micros * MICROS_PER_SEC, config.window_cap))
                 .collect(),
-            detector: Detector::new(anomaly.clone()),
+            detector: Detector::new(anomaly),
             rules: rules
                 .iter()
                 .enumerate()
@@ -255,6 +255,7 @@ impl Analytics {
         for &(t, v) in released.iter() {
             step(
                 series,
+                anomaly,
                 device,
                 metric,
                 t,
@@ -416,6 +417,7 @@ fn alert(
 #[allow(clippy::too_many_arguments)]
 fn step(
     series: &mut Series,
+    anomaly: &AnomalyConfig,
     device: &Arc<str>,
     metric: &str,
     t: Micros,
@@ -428,7 +430,7 @@ fn step(
     for w in &mut series.windows {
         w.push(t, v);
     }
-    let score = series.detector.update(v);
+    let score = series.detector.update(anomaly, v);
     for (i, state) in &mut series.rules {
         let rule = &rules[*i];
         if let Some(tr) = state.update(rule, t, v, score) {
