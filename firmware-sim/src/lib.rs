@@ -69,6 +69,11 @@ pub struct SimConfig {
     pub start_ms: Option<i64>,
     /// Milliseconds between samples; default: 1000 / rate (1000 when rate is 0).
     pub step_ms: Option<i64>,
+    /// Stamp each message's newest sample with the time it is published
+    /// (earlier samples of a pack `step_ms` before it), so the gateway's
+    /// reading-to-commit histogram measures publish-to-commit latency.
+    /// `start_ms` is then ignored and [`expected_readings`] does not apply.
+    pub live_time: bool,
     /// Device ids are this prefix and a 4-digit index.
     pub device_prefix: String,
     /// Topic with `{device}` in place of the device id, and optionally
@@ -175,6 +180,7 @@ impl Default for SimConfig {
             pack: 1,
             start_ms: None,
             step_ms: None,
+            live_time: false,
             device_prefix: "sim-".into(),
             topic: "devices/{device}/telemetry".into(),
             topic_shards: 1,
@@ -623,17 +629,27 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
             Some(count) => (count - index).min(config.pack as u64),
             None => config.pack as u64,
         };
-        if config.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(index as f64 / config.rate);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
-                _ = stop.cancelled() => break,
-            }
-        }
         for (d, topic) in topics.iter().enumerate() {
+            if config.rate > 0.0 {
+                // Devices spread evenly over the round rather than all
+                // publishing at its start: a steady load, not bursts.
+                let offset = d as f64 * n as f64 / config.devices as f64;
+                let due = started + Duration::from_secs_f64((index as f64 + offset) / config.rate);
+                if due > Instant::now() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = stop.cancelled() => break 'outer,
+                    }
+                }
+            }
             if stop.is_cancelled() || deadline.is_some_and(|t| Instant::now() >= t) {
                 break 'outer;
             }
+            let start_ms = if config.live_time {
+                now_ms() - (index + n - 1) as i64 * config.step()
+            } else {
+                start_ms
+            };
             let samples: Vec<Sample> = (index..index + n)
                 .map(|i| sample(config, start_ms, d, i))
                 .filter(|s| !s.metrics.is_empty())

@@ -46,6 +46,10 @@ struct Args {
     /// Milliseconds between samples (default: 1000 / rate).
     #[arg(long)]
     step_ms: Option<i64>,
+    /// Stamp each message's newest sample with its publish time (for
+    /// publish-to-commit latency; --start-ms is then ignored).
+    #[arg(long)]
+    live_time: bool,
     /// Device id prefix (ids are prefix + 4 digits).
     #[arg(long, default_value = "sim-")]
     device_prefix: String,
@@ -116,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         pack: a.pack,
         start_ms: a.start_ms,
         step_ms: a.step_ms,
+        live_time: a.live_time,
         device_prefix: a.device_prefix,
         topic: a.topic,
         topic_shards: a.topic_shards,

@@ -23,9 +23,11 @@ pub const DEAD_LETTER_REASONS: [&str; 12] = [
     "rejected_by_database",
 ];
 
-/// Upper bounds (seconds) of latency histogram buckets.
-const BUCKETS: [f64; 12] = [
-    0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Upper bounds (seconds) of latency histogram buckets; fine between 10 and 500 ms, where the latency
+/// targets are, so quantiles read from the buckets are close.
+const BUCKETS: [f64; 20] = [
+    0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+    2.5, 5.0, 10.0, 30.0,
 ];
 
 /// A latency histogram with fixed buckets.

@@ -1,0 +1,810 @@
+//! End-to-end load benchmark, run by `bash benches/e2e.sh`.
+//!
+//! On this machine, with nothing set up by hand: a throwaway PostgreSQL and
+//! mosquitto (the shipped configuration), the release gateway as its own
+//! process with analytics on (three windows, the detector, two rules), and
+//! in-process `firmware-sim` publishers. It measures, in one run:
+//!
+//! 1. the *ceiling*: the same number of rows, same devices and metrics,
+//!    loaded with `COPY readings FROM STDIN (FORMAT binary)` straight into
+//!    the same table with the same indexes, over as many connections as the
+//!    gateway has writers, in batches of the gateway's batch size, then
+//!    truncated;
+//! 2. *burst*: every reading published as fast as the broker accepts
+//!    (packed messages, QoS 1), timed from the first publish to the moment
+//!    the gateway's committed counter reaches the total;
+//! 3. *paced*: publishing at half the burst rate for a while, for the
+//!    publish-to-commit latency a deployment sized at 2x headroom sees (the
+//!    simulator stamps each message's newest reading with its publish time;
+//!    the gateway's `edge_gateway_reading_to_commit_seconds` histogram is
+//!    read before and after, and quantiles are interpolated in its buckets);
+//! 4. optionally (`E2E_SOAK_SECS`), a soak at 80% of the burst rate over
+//!    many devices, printing the gateway's RSS every 10 s.
+//!
+//! Throughout it samples the gateway's RSS (peak from `VmHWM`) and CPU time
+//! (`/proc/<pid>/stat`), and whole-machine CPU use, and at the end checks
+//! that the table holds exactly the readings published. It prints a table
+//! and, last, one JSON line with every figure.
+//!
+//! Settings (environment): `E2E_READINGS` (4,000,000), `E2E_DEVICES`
+//! (1,000), `E2E_METRICS` per sample (4), `E2E_PACK` samples per message
+//! (25, so 100 readings a message), `E2E_FORMAT` (native-cbor),
+//! `E2E_PUBLISHERS` MQTT connections (2), `E2E_INDEX` (1 keeps the
+//! `(device_id, time)` index, 0 drops it), `E2E_PACED_SECS` (20),
+//! `E2E_SOAK_SECS` (0 = no soak), `E2E_SOAK_DEVICES` (100,000),
+//! `E2E_GATEWAY` (path of the release binary), `E2E_GATEWAY_TOML` (extra
+//! gateway config appended to the generated file).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use edge_gateway::local::{free_port, mosquitto::Mosquitto, postgres::LocalPostgres};
+use edge_gateway::sink::batch::READINGS_COLUMNS;
+use edge_gateway::sink::copy::RowBuffer;
+use edge_payload::Format;
+use firmware_sim::SimConfig;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+struct Options {
+    readings: u64,
+    devices: usize,
+    metrics: usize,
+    pack: usize,
+    format: Format,
+    publishers: usize,
+    index: bool,
+    paced_secs: f64,
+    soak_secs: f64,
+    soak_devices: usize,
+    gateway: PathBuf,
+    extra_toml: String,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T> {
+    match std::env::var(key) {
+        Ok(v) => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map_err(|_| anyhow!("{key}={v:?} is not valid")),
+        Err(_) => Ok(default),
+    }
+}
+
+impl Options {
+    fn from_env() -> Result<Options> {
+        let o = Options {
+            readings: env_or("E2E_READINGS", 4_000_000)?,
+            devices: env_or("E2E_DEVICES", 1_000)?,
+            metrics: env_or("E2E_METRICS", 4)?,
+            pack: env_or("E2E_PACK", 25)?,
+            format: env_or("E2E_FORMAT", Format::NativeCbor)?,
+            publishers: env_or("E2E_PUBLISHERS", 2)?,
+            index: env_or::<u8>("E2E_INDEX", 1)? != 0,
+            paced_secs: env_or("E2E_PACED_SECS", 20.0)?,
+            soak_secs: env_or("E2E_SOAK_SECS", 0.0)?,
+            soak_devices: env_or("E2E_SOAK_DEVICES", 100_000)?,
+            gateway: env_or("E2E_GATEWAY", PathBuf::from("target/release/edge-gateway"))?,
+            extra_toml: std::env::var("E2E_GATEWAY_TOML").unwrap_or_default(),
+        };
+        if !(1..=4).contains(&o.metrics) {
+            bail!("E2E_METRICS must be 1 to 4");
+        }
+        if o.devices == 0 || o.pack == 0 || o.publishers == 0 || o.publishers > o.devices {
+            bail!(
+                "E2E_DEVICES, E2E_PACK and E2E_PUBLISHERS must be positive, publishers <= devices"
+            );
+        }
+        if !o.gateway.exists() {
+            bail!(
+                "no gateway binary at {} (build it: cargo build --release, or set E2E_GATEWAY)",
+                o.gateway.display()
+            );
+        }
+        Ok(o)
+    }
+
+    /// Samples per device so that the run publishes about `readings`.
+    fn samples_per_device(&self) -> u64 {
+        let per_sample = (self.devices * self.metrics) as u64;
+        self.readings
+            .div_ceil(per_sample)
+            .div_ceil(self.pack as u64)
+            * self.pack as u64
+    }
+
+    fn total_readings(&self) -> u64 {
+        self.samples_per_device() * (self.devices * self.metrics) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The gateway process and what /proc and /metrics say about it.
+
+struct GatewayProcess {
+    child: Child,
+    http: String,
+}
+
+impl GatewayProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size now and at its peak, in MiB.
+    fn rss_mb(&self) -> (f64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// User + system CPU seconds used so far.
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) in
+        // parentheses; utime and stime are fields 14 and 15 of the line.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    async fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(&self.http, "/metrics").await?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    async fn committed(&self) -> Result<u64> {
+        let text = self.metrics().await?;
+        Ok(counter(&text, "edge_gateway_readings_committed_total") as u64)
+    }
+
+    fn terminate(mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        bail!("gateway did not exit within 60 s of SIGTERM")
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Busy and total jiffies of the whole machine (from `/proc/stat`).
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().sum();
+    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// A minimal HTTP/1.0 GET: status and body.
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP answer from {addr}{path}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
+}
+
+/// The value of an unlabelled counter or gauge in Prometheus text.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Cumulative bucket counts (upper bound in seconds, count) of a histogram.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The q-quantile, in ms, of the observations between two snapshots of a
+/// histogram, interpolated linearly inside its bucket (as Prometheus'
+/// `histogram_quantile` does).
+fn quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, n)| *n);
+            (le, n - was)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in &delta {
+        if n >= rank {
+            if le.is_infinite() {
+                return Some(lower.0 * 1e3);
+            }
+            let share = if n > lower.1 {
+                (rank - lower.1) / (n - lower.1)
+            } else {
+                1.0
+            };
+            return Some((lower.0 + (le - lower.0) * share) * 1e3);
+        }
+        lower = (le, n);
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// Phases.
+
+/// Loads `rows` readings of `devices` x `metrics` with raw binary COPY over
+/// `connections` connections in batches of `batch_rows`; returns readings/s.
+async fn ceiling(
+    db: &tokio_postgres::Config,
+    o: &Options,
+    connections: usize,
+    batch_rows: usize,
+) -> Result<f64> {
+    let sim = SimConfig {
+        devices: o.devices,
+        metrics: o.metrics,
+        step_ms: Some(1),
+        ..SimConfig::default()
+    };
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - o.samples_per_device() as i64;
+    // Encoded before timing: the ceiling is PostgreSQL's, not our encoder's.
+    let mut batches: Vec<Bytes> = Vec::new();
+    let mut buffer = RowBuffer::new(batch_rows * 64);
+    let ids: Vec<String> = (0..o.devices)
+        .map(|d| firmware_sim::device_id("e2e-ceiling-", d))
+        .collect();
+    for i in 0..o.samples_per_device() {
+        for (d, id) in ids.iter().enumerate() {
+            let sample = firmware_sim::sample(&sim, start_ms, d, i);
+            for (metric, value) in &sample.metrics {
+                buffer
+                    .row(9)
+                    .timestamptz(sample.ts_ms * 1000)
+                    .text(id)
+                    .text(metric)
+                    .float8(*value)
+                    .null()
+                    .null()
+                    .null()
+                    .null()
+                    .null();
+                if buffer.rows() >= batch_rows {
+                    let full = std::mem::replace(&mut buffer, RowBuffer::new(batch_rows * 64));
+                    batches.push(full.finish());
+                }
+            }
+        }
+    }
+    if buffer.rows() > 0 {
+        batches.push(buffer.finish());
+    }
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let queue = queue.clone();
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let sql = format!("COPY edge.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
+            loop {
+                let next = queue.lock().map_err(|_| anyhow!("poisoned"))?.pop();
+                let Some(batch) = next else { break };
+                let sink = client.copy_in(&sql).await?;
+                futures_util::pin_mut!(sink);
+                sink.send(batch).await?;
+                sink.finish().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(o.total_readings() as f64 / secs)
+}
+
+/// Publishers for `devices` devices, `count` samples each (or for `secs`),
+/// at `rate` samples/s per device (0 = as fast as the broker accepts).
+fn publishers(
+    o: &Options,
+    broker: &str,
+    devices: usize,
+    rate: f64,
+    count: Option<u64>,
+    secs: Option<f64>,
+    tag: &str,
+) -> Vec<tokio::task::JoinHandle<Result<firmware_sim::Summary, firmware_sim::SimError>>> {
+    let per = devices.div_ceil(o.publishers);
+    (0..o.publishers)
+        .filter(|p| p * per < devices)
+        .map(|p| {
+            let sim = SimConfig {
+                broker: broker.to_string(),
+                devices: per.min(devices - p * per),
+                rate,
+                count,
+                seconds: secs,
+                format: o.format,
+                metrics: o.metrics,
+                pack: o.pack,
+                step_ms: Some(1),
+                live_time: true,
+                device_prefix: format!("e2e-{tag}{p}-"),
+                client_id: format!("e2e-{tag}{p}"),
+                seed: p as u64 + 1,
+                ..SimConfig::default()
+            };
+            tokio::spawn(async move { firmware_sim::run(&sim, CancellationToken::new()).await })
+        })
+        .collect()
+}
+
+/// What was seen while waiting for the committed counter.
+#[derive(Default)]
+struct Watch {
+    /// Seconds since the phase started, when `target` was reached.
+    done_secs: f64,
+    peak_rss_mb: f64,
+    /// (seconds, RSS MiB) every `every` seconds.
+    curve: Vec<(f64, f64)>,
+}
+
+/// Polls the gateway every 10 ms until `target` readings are committed.
+async fn watch(
+    gw: &GatewayProcess,
+    started: Instant,
+    target: u64,
+    timeout: Duration,
+    every: f64,
+) -> Result<Watch> {
+    let mut w = Watch::default();
+    let mut next_point = 0.0;
+    loop {
+        let committed = gw.committed().await?;
+        let (rss, _) = gw.rss_mb();
+        w.peak_rss_mb = w.peak_rss_mb.max(rss);
+        let t = started.elapsed().as_secs_f64();
+        if t >= next_point {
+            w.curve.push((t, rss));
+            next_point += every;
+        }
+        if committed >= target {
+            w.done_secs = t;
+            return Ok(w);
+        }
+        if started.elapsed() > timeout {
+            bail!("only {committed} of {target} readings committed after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn published(
+    tasks: Vec<tokio::task::JoinHandle<Result<firmware_sim::Summary, firmware_sim::SimError>>>,
+) -> Result<u64> {
+    let mut n = 0;
+    for t in tasks {
+        n += t.await?.map_err(|e| anyhow!("publisher: {e}"))?.readings;
+    }
+    Ok(n)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let o = Options::from_env()?;
+    let total = o.total_readings();
+    eprintln!(
+        "e2e: {} readings = {} devices x {} samples x {} metrics, {} readings a message ({}), {} publishers, index {}",
+        total,
+        o.devices,
+        o.samples_per_device(),
+        o.metrics,
+        o.pack * o.metrics,
+        o.format.name(),
+        o.publishers,
+        if o.index { "on" } else { "off" }
+    );
+    let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+    let broker = tokio::task::spawn_blocking(Mosquitto::start).await??;
+    let dir = tempfile::Builder::new().prefix("edge-e2e-").tempdir()?;
+    let http = format!("127.0.0.1:{}", free_port()?);
+    let config_path = dir.path().join("gateway.toml");
+    let config_text = format!(
+        "[mqtt]\nurl = \"{}\"\nclient_id = \"e2e-gateway\"\n\
+         [database]\nurl = \"{}\"\n\
+         [spool]\ndir = \"{}\"\n\
+         [http]\naddr = \"{http}\"\n\
+         [pipeline]\nsummary_interval_secs = 0\n\
+         [analytics]\nenabled = true\n\
+         [[rules]]\nname = \"hot\"\nkind = \"above\"\nmetric = \"temperature\"\nthreshold = 80.0\nclear = 75.0\nfor_secs = 5.0\n\
+         [[rules]]\nname = \"odd\"\nkind = \"anomaly\"\nmetric = \"*\"\nthreshold = 0.99\n\
+         {}\n",
+        broker.url(),
+        pg.url(),
+        dir.path().join("spool").display(),
+        o.extra_toml
+    );
+    std::fs::write(&config_path, &config_text)?;
+    let config = edge_gateway::config::Config::load(Some(&config_path))
+        .map_err(|e| anyhow!("generated config: {e}"))?;
+    let db = config.pg_config().map_err(|e| anyhow!("{e}"))?;
+    let (writers, batch_rows) = (config.database.writers, config.database.batch_rows);
+
+    let status = Command::new(&o.gateway)
+        .args(["migrate", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("edge-gateway migrate failed");
+    }
+    let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    if !o.index {
+        client
+            .batch_execute("DROP INDEX IF EXISTS edge.readings_device_time_idx")
+            .await?;
+    }
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'edge' AND tablename = 'readings'",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    eprintln!("e2e: ceiling: raw binary COPY over {writers} connections ...");
+    let ceiling_rate = ceiling(&db, &o, writers, batch_rows).await?;
+    client.batch_execute("TRUNCATE edge.readings").await?;
+    client.batch_execute("CHECKPOINT").await?;
+
+    let log = std::fs::File::create(dir.path().join("gateway.log"))?;
+    let child = Command::new(&o.gateway)
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start the gateway")?;
+    let gw = GatewayProcess { child, http };
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(&gw.http, "/readyz").await, Ok((200, _))) {
+        if Instant::now() > ready_by {
+            bail!("gateway not ready within 60 s; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Burst.
+    eprintln!("e2e: burst: publishing {total} readings as fast as the broker accepts ...");
+    let latency = "edge_gateway_reading_to_commit_seconds";
+    let before = buckets(&gw.metrics().await?, latency);
+    let cpu0 = gw.cpu_secs();
+    let machine0 = machine_jiffies();
+    let started = Instant::now();
+    let tasks = publishers(
+        &o,
+        &broker.url(),
+        o.devices,
+        0.0,
+        Some(o.samples_per_device()),
+        None,
+        "b",
+    );
+    let burst = watch(&gw, started, total, Duration::from_secs(300), 1.0).await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let burst_published = published(tasks).await?;
+    let burst_cpu = gw.cpu_secs() - cpu0;
+    let machine1 = machine_jiffies();
+    let machine_busy =
+        (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64 * 100.0;
+    let after = buckets(&gw.metrics().await?, latency);
+    let rate = total as f64 / burst.done_secs;
+    let burst_p50 = quantile_ms(&before, &after, 0.5);
+    let burst_p99 = quantile_ms(&before, &after, 0.99);
+    if burst_published != total {
+        bail!("published {burst_published} readings, expected {total}");
+    }
+
+    // Paced at half the burst rate.
+    let paced_rate = rate / 2.0;
+    let per_device = paced_rate / (o.devices * o.metrics) as f64;
+    eprintln!(
+        "e2e: paced: {paced_rate:.0} readings/s ({per_device:.1} samples/s a device) for {} s ...",
+        o.paced_secs
+    );
+    let before = after;
+    let started = Instant::now();
+    let committed0 = gw.committed().await?;
+    let tasks = publishers(
+        &o,
+        &broker.url(),
+        o.devices,
+        per_device,
+        None,
+        Some(o.paced_secs),
+        "p",
+    );
+    let paced_published = published(tasks).await?;
+    watch(
+        &gw,
+        started,
+        committed0 + paced_published,
+        Duration::from_secs(120),
+        1.0,
+    )
+    .await?;
+    let paced_achieved = paced_published as f64 / o.paced_secs;
+    let after = buckets(&gw.metrics().await?, latency);
+    let p50 = quantile_ms(&before, &after, 0.5);
+    let p99 = quantile_ms(&before, &after, 0.99);
+
+    // Soak: many devices at 80% of the burst rate, RSS over time.
+    let mut soak_curve = Vec::new();
+    let mut soak_published = 0;
+    if o.soak_secs > 0.0 {
+        let per_device = 0.8 * rate / (o.soak_devices * o.metrics) as f64;
+        eprintln!(
+            "e2e: soak: {} devices, {:.0} readings/s for {} s ...",
+            o.soak_devices,
+            0.8 * rate,
+            o.soak_secs
+        );
+        let committed0 = gw.committed().await?;
+        let started = Instant::now();
+        let tasks = publishers(
+            &o,
+            &broker.url(),
+            o.soak_devices,
+            per_device,
+            None,
+            Some(o.soak_secs),
+            "s",
+        );
+        let mut next = 0.0;
+        while !tasks.iter().all(|t| t.is_finished()) {
+            let t = started.elapsed().as_secs_f64();
+            if t >= next {
+                let (rss, _) = gw.rss_mb();
+                let committed = gw.committed().await? - committed0;
+                eprintln!("e2e: soak {t:>5.0} s  rss {rss:>7.1} MiB  committed {committed}");
+                soak_curve.push((t, rss));
+                next += 10.0;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        soak_published = published(tasks).await?;
+        watch(
+            &gw,
+            started,
+            committed0 + soak_published,
+            Duration::from_secs_f64(o.soak_secs + 120.0),
+            10.0,
+        )
+        .await?;
+    }
+
+    let (_, peak_rss) = gw.rss_mb();
+    let total_cpu = gw.cpu_secs();
+    gw.terminate()?;
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM edge.readings", &[])
+        .await?
+        .get(0);
+    let expected = total + paced_published + soak_published;
+    if stored as u64 != expected {
+        bail!("the table holds {stored} readings, {expected} were published");
+    }
+    drop(client);
+    drop(broker);
+    drop(pg);
+
+    let ratio = rate / ceiling_rate;
+    let cpu_us = burst_cpu / total as f64 * 1e6;
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "\nedge-gateway end to end ({} readings a message, {} index{}, {} writers, analytics on)",
+        o.pack * o.metrics,
+        indexes,
+        if indexes == 1 { "" } else { "es" },
+        writers
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "raw COPY ceiling (readings/s)",
+        format!("{ceiling_rate:.0}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "gateway, first publish to last commit (r/s)",
+        format!("{rate:.0}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "ratio gateway / ceiling",
+        format!("{ratio:.3}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "burst: publishing took (s)",
+        format!("{publish_secs:.2}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "burst: p50 / p99 publish-to-commit (ms)",
+        format!("{} / {}", fmt(burst_p50), fmt(burst_p99))
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "paced: readings/s",
+        format!("{paced_achieved:.0}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "paced: p50 / p99 publish-to-commit (ms)",
+        format!("{} / {}", fmt(p50), fmt(p99))
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "gateway peak RSS (MiB)",
+        format!("{peak_rss:.1}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "gateway CPU in burst (s)",
+        format!("{burst_cpu:.2}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "gateway CPU per reading, whole process (us)",
+        format!("{cpu_us:.3}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "machine CPU busy in burst (%)",
+        format!("{machine_busy:.0}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "gateway CPU, whole run (s)",
+        format!("{total_cpu:.2}")
+    );
+    let _ = writeln!(
+        table,
+        "  {:<44} {:>14}",
+        "readings stored = published", expected
+    );
+    if !soak_curve.is_empty() {
+        let _ = writeln!(
+            table,
+            "  soak RSS (s, MiB): {}",
+            soak_curve
+                .iter()
+                .map(|(t, r)| format!("{t:.0}:{r:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    println!("{table}");
+    let json = serde_json::json!({
+        "readings": total,
+        "devices": o.devices,
+        "readings_per_message": o.pack * o.metrics,
+        "format": o.format.name(),
+        "indexes": indexes,
+        "writers": writers,
+        "readings_per_s": rate.round(),
+        "ceiling_readings_per_s": ceiling_rate.round(),
+        "ratio": (ratio * 1000.0).round() / 1000.0,
+        "p50_ms": p50.map(|v| (v * 10.0).round() / 10.0),
+        "p99_ms": p99.map(|v| (v * 10.0).round() / 10.0),
+        "paced_readings_per_s": paced_achieved.round(),
+        "burst_p50_ms": burst_p50.map(|v| (v * 10.0).round() / 10.0),
+        "burst_p99_ms": burst_p99.map(|v| (v * 10.0).round() / 10.0),
+        "peak_rss_mb": (peak_rss * 10.0).round() / 10.0,
+        "burst_cpu_s": (burst_cpu * 100.0).round() / 100.0,
+        "cpu_us_per_reading": (cpu_us * 1000.0).round() / 1000.0,
+        "machine_busy_pct": machine_busy.round(),
+        "soak_rss_mb": soak_curve.iter().map(|(t, r)| [t.round(), (r * 10.0).round() / 10.0]).collect::<Vec<_>>(),
+    });
+    println!("{json}");
+    Ok(())
+}
