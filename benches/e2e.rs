@@ -32,8 +32,11 @@
 //! `E2E_PUBLISHERS` MQTT connections (2), `E2E_INDEX` (1 keeps the
 //! `(device_id, time)` index, 0 drops it), `E2E_PACED_SECS` (20),
 //! `E2E_SOAK_SECS` (0 = no soak), `E2E_SOAK_DEVICES` (100,000),
-//! `E2E_GATEWAY` (path of the release binary), `E2E_GATEWAY_TOML` (extra
-//! gateway config appended to the generated file).
+//! `E2E_PG_SETTINGS` (`;`-separated; default fsync, synchronous commit
+//! and full-page writes on, as in production), `E2E_GATEWAY` (path of the
+//! release binary), `E2E_GATEWAY_TOML` (extra
+//! gateway config appended to the generated file), `E2E_MOSQUITTO` (lines
+//! over the shipped mosquitto.conf, separated by `;`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -51,6 +54,12 @@ use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+/// PostgreSQL as a production server runs it: the throwaway cluster's
+/// `fsync=off` leaves every write dirty in the page cache until the kernel
+/// flushes gigabytes at once (a multi-second stall), and measures nothing a
+/// deployment would see.
+const PRODUCTION_PG: &str = "fsync=on;synchronous_commit=on;full_page_writes=on";
+
 /// Benchmark settings.
 #[derive(Debug, Clone)]
 struct Options {
@@ -66,6 +75,8 @@ struct Options {
     soak_devices: usize,
     gateway: PathBuf,
     extra_toml: String,
+    mosquitto: String,
+    pg_settings: String,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T> {
@@ -94,6 +105,9 @@ impl Options {
             soak_devices: env_or("E2E_SOAK_DEVICES", 100_000)?,
             gateway: env_or("E2E_GATEWAY", PathBuf::from("target/release/edge-gateway"))?,
             extra_toml: std::env::var("E2E_GATEWAY_TOML").unwrap_or_default(),
+            mosquitto: std::env::var("E2E_MOSQUITTO").unwrap_or_default(),
+            pg_settings: std::env::var("E2E_PG_SETTINGS")
+                .unwrap_or_else(|_| PRODUCTION_PG.to_string()),
         };
         if !(1..=4).contains(&o.metrics) {
             bail!("E2E_METRICS must be 1 to 4");
@@ -488,8 +502,24 @@ async fn main() -> Result<()> {
         o.publishers,
         if o.index { "on" } else { "off" }
     );
-    let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
-    let broker = tokio::task::spawn_blocking(Mosquitto::start).await??;
+    let settings = o.pg_settings.clone();
+    let pg = tokio::task::spawn_blocking(move || {
+        let lines: Vec<&str> = settings
+            .split(';')
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        LocalPostgres::start_with(&lines)
+    })
+    .await??;
+    let overrides = o.mosquitto.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        let lines: Vec<&str> = overrides
+            .split(';')
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        Mosquitto::start_with(&lines)
+    })
+    .await??;
     let dir = tempfile::Builder::new().prefix("edge-e2e-").tempdir()?;
     let http = format!("127.0.0.1:{}", free_port()?);
     let config_path = dir.path().join("gateway.toml");
@@ -537,10 +567,16 @@ async fn main() -> Result<()> {
         .await?
         .get(0);
 
-    eprintln!("e2e: ceiling: raw binary COPY over {writers} connections ...");
-    let ceiling_rate = ceiling(&db, &o, writers, batch_rows).await?;
-    client.batch_execute("TRUNCATE edge.readings").await?;
-    client.batch_execute("CHECKPOINT").await?;
+    // Twice: the first load into a fresh cluster also creates its WAL
+    // segments, which later loads (and the gateway's) recycle.
+    let mut ceiling_runs = Vec::new();
+    for run in 1..=2 {
+        eprintln!("e2e: ceiling {run}/2: raw binary COPY over {writers} connections ...");
+        ceiling_runs.push(ceiling(&db, &o, writers, batch_rows).await?);
+        client.batch_execute("TRUNCATE edge.readings").await?;
+        client.batch_execute("CHECKPOINT").await?;
+    }
+    let ceiling_rate = ceiling_runs.iter().copied().fold(0.0, f64::max);
 
     let log = std::fs::File::create(dir.path().join("gateway.log"))?;
     let child = Command::new(&o.gateway)
@@ -609,6 +645,40 @@ async fn main() -> Result<()> {
         Some(o.paced_secs),
         "p",
     );
+    // Each second: readings committed and the latency quantiles of that
+    // second, which show stalls that one p99 hides.
+    let mut last = before.clone();
+    let mut last_copy = buckets(&gw.metrics().await?, "edge_gateway_copy_seconds");
+    let mut last_committed = committed0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let text = gw.metrics().await?;
+        let now = buckets(&text, latency);
+        let copy = buckets(&text, "edge_gateway_copy_seconds");
+        let committed = counter(&text, "edge_gateway_readings_committed_total") as u64;
+        let ms = |q| quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
+        let row = client
+            .query_one(
+                "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
+                 (SELECT coalesce(string_agg(query, ', '), '') FROM pg_stat_activity \
+                  WHERE backend_type = 'autovacuum worker')",
+                &[],
+            )
+            .await?;
+        let checkpoints: i64 = row.get(0);
+        let autovacuum: String = row.get(1);
+        eprintln!(
+            "e2e: paced {:>4.0} s  {:>8} readings/s  p50 {:>6} ms  p99 {:>6} ms  COPY p99 {:>6} ms  checkpoints {checkpoints} {autovacuum}",
+            started.elapsed().as_secs_f64(),
+            committed - last_committed,
+            ms(0.5),
+            ms(0.99),
+            quantile_ms(&last_copy, &copy, 0.99).map_or("-".into(), |v| format!("{v:.0}")),
+        );
+        last_copy = copy;
+        last = now;
+        last_committed = committed;
+    }
     let paced_published = published(tasks).await?;
     watch(
         &gw,
@@ -686,102 +756,61 @@ async fn main() -> Result<()> {
     let ratio = rate / ceiling_rate;
     let cpu_us = burst_cpu / total as f64 * 1e6;
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "\nedge-gateway end to end ({} readings a message, {} index{}, {} writers, analytics on)",
-        o.pack * o.metrics,
-        indexes,
-        if indexes == 1 { "" } else { "es" },
-        writers
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "raw COPY ceiling (readings/s)",
-        format!("{ceiling_rate:.0}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "gateway, first publish to last commit (r/s)",
-        format!("{rate:.0}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "ratio gateway / ceiling",
-        format!("{ratio:.3}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "burst: publishing took (s)",
-        format!("{publish_secs:.2}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "burst: p50 / p99 publish-to-commit (ms)",
-        format!("{} / {}", fmt(burst_p50), fmt(burst_p99))
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "paced: readings/s",
-        format!("{paced_achieved:.0}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "paced: p50 / p99 publish-to-commit (ms)",
-        format!("{} / {}", fmt(p50), fmt(p99))
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "gateway peak RSS (MiB)",
-        format!("{peak_rss:.1}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "gateway CPU in burst (s)",
-        format!("{burst_cpu:.2}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "gateway CPU per reading, whole process (us)",
-        format!("{cpu_us:.3}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "machine CPU busy in burst (%)",
-        format!("{machine_busy:.0}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "gateway CPU, whole run (s)",
-        format!("{total_cpu:.2}")
-    );
-    let _ = writeln!(
-        table,
-        "  {:<44} {:>14}",
-        "readings stored = published", expected
-    );
-    if !soak_curve.is_empty() {
-        let _ = writeln!(
-            table,
-            "  soak RSS (s, MiB): {}",
-            soak_curve
+    let mut rows: Vec<(&str, String)> = vec![
+        (
+            "raw COPY ceiling, best of 2 (readings/s)",
+            format!("{ceiling_rate:.0}"),
+        ),
+        (
+            "  each run",
+            ceiling_runs
                 .iter()
-                .map(|(t, r)| format!("{t:.0}:{r:.1}"))
+                .map(|r| format!("{r:.0}"))
                 .collect::<Vec<_>>()
-                .join(" ")
-        );
+                .join(" "),
+        ),
+        (
+            "gateway, first publish to last commit (r/s)",
+            format!("{rate:.0}"),
+        ),
+        ("ratio gateway / ceiling", format!("{ratio:.3}")),
+        ("burst: publishing took (s)", format!("{publish_secs:.2}")),
+        (
+            "burst: p50 / p99 publish-to-commit (ms)",
+            format!("{} / {}", fmt(burst_p50), fmt(burst_p99)),
+        ),
+        ("paced: readings/s", format!("{paced_achieved:.0}")),
+        (
+            "paced: p50 / p99 publish-to-commit (ms)",
+            format!("{} / {}", fmt(p50), fmt(p99)),
+        ),
+        ("gateway peak RSS (MiB)", format!("{peak_rss:.1}")),
+        ("gateway CPU in burst (s)", format!("{burst_cpu:.2}")),
+        (
+            "gateway CPU per reading, whole process (us)",
+            format!("{cpu_us:.3}"),
+        ),
+        (
+            "machine CPU busy in burst (%)",
+            format!("{machine_busy:.0}"),
+        ),
+        ("gateway CPU, whole run (s)", format!("{total_cpu:.2}")),
+        ("readings stored = published", expected.to_string()),
+    ];
+    let curve = soak_curve
+        .iter()
+        .map(|(t, r)| format!("{t:.0}:{r:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !curve.is_empty() {
+        rows.push(("soak RSS (s:MiB)", curve));
+    }
+    let mut table = format!(
+        "\nedge-gateway end to end ({} readings a message, {indexes} index(es), {writers} writers, analytics on)\n",
+        o.pack * o.metrics
+    );
+    for (name, value) in rows {
+        let _ = writeln!(table, "  {name:<44} {value:>14}");
     }
     println!("{table}");
     let json = serde_json::json!({
@@ -793,6 +822,7 @@ async fn main() -> Result<()> {
         "writers": writers,
         "readings_per_s": rate.round(),
         "ceiling_readings_per_s": ceiling_rate.round(),
+        "ceiling_runs": ceiling_runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
         "ratio": (ratio * 1000.0).round() / 1000.0,
         "p50_ms": p50.map(|v| (v * 10.0).round() / 10.0),
         "p99_ms": p99.map(|v| (v * 10.0).round() / 10.0),

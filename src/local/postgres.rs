@@ -86,6 +86,16 @@ impl LocalPostgres {
     /// [`LocalError::Missing`] saying what to install when the binaries or the
     /// `postgres` user are missing; other variants when a step fails.
     pub fn start() -> Result<LocalPostgres, LocalError> {
+        LocalPostgres::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with `name=value` settings over the
+    /// throwaway ones (benchmarks use `fsync=on` and friends, so the
+    /// database writes like a production one).
+    ///
+    /// # Errors
+    /// As for [`start`](Self::start).
+    pub fn start_with(settings: &[&str]) -> Result<LocalPostgres, LocalError> {
         let bin = bin_dir()?;
         for tool in ["initdb", "postgres", "pg_ctl"] {
             if !bin.join(tool).is_file() {
@@ -111,7 +121,7 @@ impl LocalPostgres {
             port: 0,
             as_postgres,
             child: None,
-            settings: Vec::new(),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         let data = pg.data_dir();
         let mut initdb = pg.command("initdb");
@@ -150,11 +160,11 @@ impl LocalPostgres {
                     .map_err(io_err("chown the TLS files"))?;
             }
         }
-        pg.settings = vec![
+        pg.settings.extend([
             "ssl=on".into(),
             format!("ssl_cert_file={}", crt.display()),
             format!("ssl_key_file={}", k.display()),
-        ];
+        ]);
         pg.launch()?;
         Ok(pg)
     }
