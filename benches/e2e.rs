@@ -739,6 +739,9 @@ async fn main() -> Result<()> {
     }
 
     let (_, peak_rss) = gw.rss_mb();
+    let text = gw.metrics().await?;
+    let series = counter(&text, "edge_gateway_analytics_series");
+    let per_series = counter(&text, "edge_gateway_analytics_state_bytes") / series.max(1.0);
     let total_cpu = gw.cpu_secs();
     gw.terminate()?;
     let stored: i64 = client
@@ -785,6 +788,11 @@ async fn main() -> Result<()> {
             format!("{} / {}", fmt(p50), fmt(p99)),
         ),
         ("gateway peak RSS (MiB)", format!("{peak_rss:.1}")),
+        ("analytics series", format!("{series:.0}")),
+        (
+            "analytics state per series (bytes)",
+            format!("{per_series:.0}"),
+        ),
         ("gateway CPU in burst (s)", format!("{burst_cpu:.2}")),
         (
             "gateway CPU per reading, whole process (us)",
@@ -830,6 +838,8 @@ async fn main() -> Result<()> {
         "burst_p50_ms": burst_p50.map(|v| (v * 10.0).round() / 10.0),
         "burst_p99_ms": burst_p99.map(|v| (v * 10.0).round() / 10.0),
         "peak_rss_mb": (peak_rss * 10.0).round() / 10.0,
+        "analytics_series": series,
+        "analytics_bytes_per_series": per_series.round(),
         "burst_cpu_s": (burst_cpu * 100.0).round() / 100.0,
         "cpu_us_per_reading": (cpu_us * 1000.0).round() / 1000.0,
         "machine_busy_pct": machine_busy.round(),

@@ -133,7 +133,7 @@ fn bench_analytics(c: &mut Criterion) {
     group.bench_function("windows3_detector_rule", |b| {
         let mut windows: Vec<Window> = [10, 60, 300]
             .iter()
-            .map(|s| Window::new(s * 1_000_000, 512))
+            .map(|s| Window::new(s * 1_000_000, 5))
             .collect();
         let anomaly = AnomalyConfig::default();
         let mut detector = Detector::new(&anomaly);

@@ -557,8 +557,8 @@ impl Config {
             return Err(invalid("dedup.max_identities", "must be at least 1"));
         }
         let a = &self.analytics;
-        if a.window_cap == 0 || a.window_cap > 1 << 20 {
-            return Err(invalid("analytics.window_cap", "must be 1 to 1048576"));
+        if a.window_buckets == 0 || a.window_buckets > 64 {
+            return Err(invalid("analytics.window_buckets", "must be 1 to 64"));
         }
         if a.windows_secs.contains(&0) {
             return Err(invalid(

@@ -139,7 +139,7 @@ impl AnomalyConfig {
 const BINS: usize = 16;
 
 /// Renormalise the lazily decayed long-run histogram when its scale has
-/// grown by this factor (e^64), long before an f64 overflows.
+/// grown by this factor (e^64), so weights stay far from f64's limits.
 const MAX_LN_SCALE: f64 = 64.0;
 
 /// The detector state of one series. The settings are passed to
@@ -164,10 +164,9 @@ pub struct Detector {
     ring_len: usize,
     ring_pos: usize,
     counts: [u16; BINS],
-    /// The long-run histogram p as `weights / scale`, decayed lazily: each
-    /// reading grows `scale` instead of shrinking every weight, so only the
-    /// reading's bin (and its cached logarithm) changes.
-    weights: [f64; BINS],
+    /// The long-run histogram p as `weights / scale`, in logarithms and
+    /// decayed lazily: each reading grows `scale` instead of shrinking every
+    /// weight, so only the reading's bin changes.
     ln_weights: [f64; BINS],
     ln_scale: f64,
 }
@@ -244,10 +243,15 @@ impl Detector {
             ring_len: 0,
             ring_pos: 0,
             counts: [0; BINS],
-            weights: [uniform; BINS],
             ln_weights: [uniform.ln(); BINS],
             ln_scale: 0.0,
         }
+    }
+
+    /// Bytes on the heap this detector holds (histogram ring, refractory
+    /// deque).
+    pub fn heap_bytes(&self) -> usize {
+        self.ring.len() + self.recent.capacity() * std::mem::size_of::<(u64, f64)>()
     }
 
     /// Learns `v` and returns its anomaly score in [0, 1]. `config` must be
@@ -337,25 +341,26 @@ impl Detector {
         let kl = (sum / n - n.ln()).max(0.0);
 
         // Learn: p = (1 - a) p + a e_bin, as scale /= (1 - a) and
-        // weight[bin] += a * scale.
+        // weight[bin] += a * scale, the sum taken in log space.
         let a = c.histogram_alpha.max(1.0 / self.n as f64);
         if a < 1.0 {
-            self.ln_scale -= (1.0 - a).ln();
-            let w = &mut self.weights[bin];
-            *w += a * self.ln_scale.exp();
-            self.ln_weights[bin] = w.ln();
+            self.ln_scale -= (-a).ln_1p();
+            let added = a.ln() + self.ln_scale;
+            let ln_w = &mut self.ln_weights[bin];
+            let (hi, lo) = if *ln_w > added {
+                (*ln_w, added)
+            } else {
+                (added, *ln_w)
+            };
+            *ln_w = hi + (lo - hi).exp().ln_1p();
         } else {
-            self.weights = [0.0; BINS];
-            self.weights[bin] = 1.0;
             self.ln_scale = 0.0;
             self.ln_weights = [f64::NEG_INFINITY; BINS];
             self.ln_weights[bin] = 0.0;
         }
         if self.ln_scale > MAX_LN_SCALE {
-            let s = self.ln_scale.exp();
-            for (w, ln_w) in self.weights.iter_mut().zip(&mut self.ln_weights) {
-                *w /= s;
-                *ln_w = w.ln();
+            for ln_w in &mut self.ln_weights {
+                *ln_w -= self.ln_scale;
             }
             self.ln_scale = 0.0;
         }

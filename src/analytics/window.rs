@@ -1,16 +1,19 @@
 //! Sliding time windows per series: count, mean, min, max, standard
-//! deviation and last value over the readings of the last `duration`.
+//! deviation and last value over the readings of about the last `duration`.
 //!
 //! Readings enter in time order (the [`Reorder`] buffer before the windows
-//! sees to that). The window is a two-stack queue of partial aggregates
-//! (sliding-window aggregation): new readings join a running aggregate,
-//! old ones leave from a stack of suffix aggregates that is rebuilt from
-//! the other stack when it runs empty, so each update is O(1) amortised.
-//! Aggregates are merged with Chan et al.'s parallel formulas, never by
-//! subtracting what leaves, so the variance stays accurate however long the
-//! stream. Memory is bounded: a window keeps at most `cap` readings; past
-//! that the oldest leave early, so a window is "the last `duration`, at most
-//! `cap` readings".
+//! sees to that). A window is a ring of `buckets` partial aggregates, each
+//! covering `duration / buckets` of time: a reading joins the aggregate of
+//! its bucket, a bucket that falls out of the window is overwritten, and
+//! the window's statistics merge the ring. So the window slides in steps of
+//! one bucket (a 10 s window of 5 buckets covers the current 2 s bucket and
+//! the four before it), which is what buys a fixed, small memory whatever
+//! the reading rate: 40 bytes a bucket, 600 bytes for three windows of 5
+//! buckets, where keeping every reading of a 5-minute window at 100
+//! readings/s would take 30,000 entries. Updates are O(1) (a bucket merge;
+//! at most `buckets` buckets cleared when time jumps). Aggregates are
+//! merged with Chan et al.'s parallel formulas, never by subtracting what
+//! leaves, so the variance stays accurate however long the stream.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -78,99 +81,104 @@ impl Agg {
     }
 }
 
-/// One sliding window.
+/// One sliding window: a ring of bucket aggregates.
 #[derive(Debug, Clone)]
 pub struct Window {
-    duration: Micros,
-    cap: usize,
-    /// Oldest readings, oldest on top, each with the aggregate of itself and
-    /// every reading below it.
-    front: Vec<(Micros, f64, Agg)>,
-    /// Newest readings in arrival order, and their running aggregate.
-    back: Vec<(Micros, f64)>,
-    back_agg: Agg,
+    /// Time each bucket covers (at least 1 µs).
+    width: Micros,
+    /// Index (time / width) of the newest bucket; `i64::MIN` before any
+    /// reading.
+    newest: i64,
+    /// Bucket `k` lives at `k mod buckets.len()`.
+    buckets: Box<[Agg]>,
+    last: f64,
 }
 
 impl Window {
-    pub fn new(duration: Micros, cap: usize) -> Window {
+    /// A window of `duration` in `buckets` steps (at least 1).
+    pub fn new(duration: Micros, buckets: usize) -> Window {
+        let n = buckets.max(1);
         Window {
-            duration,
-            cap: cap.max(1),
-            front: Vec::new(),
-            back: Vec::new(),
-            back_agg: Agg::EMPTY,
+            width: (duration.max(1) as u64).div_ceil(n as u64).max(1) as Micros,
+            newest: i64::MIN,
+            buckets: vec![Agg::EMPTY; n].into_boxed_slice(),
+            last: f64::NAN,
         }
     }
 
-    /// The window length.
+    /// The window length (rounded up to whole buckets).
     pub fn duration(&self) -> Micros {
-        self.duration
+        self.width * self.buckets.len() as Micros
     }
 
-    /// Readings in the window.
-    pub fn len(&self) -> usize {
-        self.front.len() + self.back.len()
+    /// Time each bucket covers: the step the window slides in.
+    pub fn step(&self) -> Micros {
+        self.width
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn slot(&self, k: i64) -> usize {
+        k.rem_euclid(self.buckets.len() as i64) as usize
     }
 
-    /// Adds a reading at `t` (not earlier than the previous one).
+    /// Adds a reading at `t` (not earlier than the previous one's bucket).
     pub fn push(&mut self, t: Micros, v: f64) {
-        self.back.push((t, v));
-        self.back_agg = Agg::merge(self.back_agg, Agg::one(v));
-        self.expire(t);
-    }
-
-    /// The oldest reading still in the window.
-    pub fn first(&self) -> Option<(Micros, f64)> {
-        self.front
-            .last()
-            .map(|&(t, v, _)| (t, v))
-            .or_else(|| self.back.first().copied())
-    }
-
-    fn pop_oldest(&mut self) {
-        if self.front.is_empty() {
-            let mut acc = Agg::EMPTY;
-            for &(t, v) in self.back.iter().rev() {
-                acc = Agg::merge(Agg::one(v), acc);
-                self.front.push((t, v, acc));
-            }
-            self.back.clear();
-            self.back_agg = Agg::EMPTY;
+        let k = t.div_euclid(self.width);
+        self.advance(k);
+        if k.saturating_add(self.buckets.len() as i64) <= self.newest {
+            return; // older than the window; the reorder buffer prevents it
         }
-        self.front.pop();
+        let slot = self.slot(k);
+        self.buckets[slot] = Agg::merge(self.buckets[slot], Agg::one(v));
+        self.last = v;
     }
 
-    /// Drops readings older than `now - duration` (and past the cap).
-    pub fn expire(&mut self, now: Micros) {
-        let cutoff = now - self.duration;
-        while let Some((t, _)) = self.first() {
-            if t > cutoff && self.len() <= self.cap {
-                break;
+    /// Makes bucket `k` the newest, clearing the buckets it passes.
+    fn advance(&mut self, k: i64) {
+        let len = self.buckets.len() as i64;
+        let newest = self.newest;
+        if k <= newest {
+            return;
+        }
+        if newest != i64::MIN && k - newest < len {
+            for j in newest + 1..=k {
+                let slot = self.slot(j);
+                self.buckets[slot] = Agg::EMPTY;
             }
-            self.pop_oldest();
+        } else {
+            self.buckets.fill(Agg::EMPTY);
+        }
+        self.newest = k;
+    }
+
+    /// Drops the buckets that have left the window by `now`.
+    pub fn expire(&mut self, now: Micros) {
+        if self.newest != i64::MIN {
+            self.advance(now.div_euclid(self.width));
         }
     }
 
     /// Current statistics; `None` when the window is empty.
     pub fn stats(&self) -> Option<Stats> {
-        let last = self
-            .back
-            .last()
-            .map(|s| s.1)
-            .or_else(|| self.front.first().map(|s| s.1))?;
-        let agg = Agg::merge(self.front.last().map_or(Agg::EMPTY, |s| s.2), self.back_agg);
+        let agg = self
+            .buckets
+            .iter()
+            .fold(Agg::EMPTY, |acc, b| Agg::merge(acc, *b));
+        if agg.n == 0.0 {
+            return None;
+        }
         Some(Stats {
             count: agg.n as usize,
             mean: agg.mean,
             min: agg.min,
             max: agg.max,
             std: (agg.m2 / agg.n).max(0.0).sqrt(),
-            last,
+            last: self.last,
         })
+    }
+
+    /// Bytes on the heap this window holds (its ring).
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.buckets)
     }
 }
 
@@ -227,6 +235,11 @@ impl Reorder {
         true
     }
 
+    /// Bytes on the heap held for readings waiting to be released.
+    pub fn heap_bytes(&self) -> usize {
+        self.heap.capacity() * std::mem::size_of::<Reverse<(Micros, u64, OrdF64)>>()
+    }
+
     /// Releases, in time order, the readings older than newest - lateness.
     pub fn release(&mut self, mut out: impl FnMut(Micros, f64)) {
         let until = self.newest.saturating_sub(self.lateness);
@@ -238,6 +251,12 @@ impl Reorder {
             self.released = t;
             out(t, v.0);
         }
+        // Give back what a burst grew: the buffer holds `lateness` worth of
+        // readings, so its size follows the series' current rate.
+        let (len, cap) = (self.heap.len(), self.heap.capacity());
+        if cap > 16 && len < cap / 4 {
+            self.heap.shrink_to(len * 2);
+        }
     }
 }
 
@@ -246,18 +265,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn brute(
-        samples: &[(Micros, f64)],
-        now: Micros,
-        duration: Micros,
-        cap: usize,
-    ) -> Option<Stats> {
+    /// The readings of the window's buckets: from the start of the bucket
+    /// `buckets - 1` before the one `now` falls in.
+    fn brute(samples: &[(Micros, f64)], now: Micros, width: Micros, buckets: i64) -> Option<Stats> {
+        let from = (now.div_euclid(width) - buckets + 1) * width;
         let inside: Vec<f64> = samples
             .iter()
-            .filter(|s| s.0 > now - duration)
+            .filter(|s| s.0 >= from)
             .map(|s| s.1)
             .collect();
-        let inside = &inside[inside.len().saturating_sub(cap)..];
         let n = inside.len();
         let last = *inside.last()?;
         let mean = inside.iter().sum::<f64>() / n as f64;
@@ -285,11 +301,11 @@ mod tests {
         fn windows_match_brute_force_with_out_of_order_arrivals(
             steps in prop::collection::vec((0i64..3_000_000, -5_000_000i64..0, -1000.0f64..1000.0), 1..300),
             duration in 1_000_000i64..60_000_000,
-            cap in 5usize..200,
+            buckets in 1usize..12,
         ) {
             let lateness = 2_000_000;
             let mut reorder = Reorder::new(lateness);
-            let mut window = Window::new(duration, cap);
+            let mut window = Window::new(duration, buckets);
             let mut released: Vec<(Micros, f64)> = Vec::new();
             let mut clock = 0i64;
             for (advance, jitter, v) in steps {
@@ -304,7 +320,7 @@ mod tests {
                     prop_assert!(released.last().is_none_or(|s| s.0 <= t), "released in order");
                     released.push((t, v));
                     window.push(t, v);
-                    let want = brute(&released, t, duration, cap);
+                    let want = brute(&released, t, window.step(), buckets as i64);
                     let got = window.stats();
                     let (Some(w), Some(g)) = (want, got) else {
                         prop_assert_eq!(want.is_none(), got.is_none());
@@ -321,13 +337,30 @@ mod tests {
 
     #[test]
     fn expires_by_time_without_new_readings() {
-        let mut w = Window::new(10, 100);
+        // 10 µs in 5 buckets of 2.
+        let mut w = Window::new(10, 5);
         w.push(0, 1.0);
         w.push(5, 3.0);
         assert_eq!(w.stats().map(|s| (s.count, s.mean)), Some((2, 2.0)));
+        // At 12 the window is buckets 2..=6 (times 4..=13): the reading at
+        // 0 has left.
         w.expire(12);
         assert_eq!(w.stats().map(|s| (s.count, s.min)), Some((1, 3.0)));
-        w.expire(15);
+        w.expire(13);
+        assert_eq!(w.stats().map(|s| s.count), Some(1));
+        w.expire(14);
         assert!(w.stats().is_none());
+    }
+
+    #[test]
+    fn memory_is_fixed_whatever_the_rate() {
+        let mut w = Window::new(300_000_000, 5);
+        let before = w.heap_bytes();
+        for i in 0..100_000i64 {
+            w.push(i * 1_000, i as f64);
+        }
+        assert_eq!(w.heap_bytes(), before);
+        assert_eq!(before, 5 * 40);
+        assert_eq!(w.stats().map(|s| s.count), Some(100_000));
     }
 }

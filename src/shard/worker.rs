@@ -95,6 +95,8 @@ pub struct Worker {
     outputs: Outputs,
     batch: Batch,
     deadline: Option<Instant>,
+    /// Analytics series and bytes last added to the shared gauges.
+    reported: (u64, u64),
 }
 
 impl Worker {
@@ -117,6 +119,7 @@ impl Worker {
             dedup,
             ids,
             analytics: None,
+            reported: (0, 0),
             rules: None,
             outputs: Outputs::default(),
             batch,
@@ -153,6 +156,15 @@ impl Worker {
         self.reload_rules();
         if let Some(analytics) = &mut self.analytics {
             analytics.tick(crate::model::now_micros(), &mut self.outputs);
+            let (series, bytes) = analytics.memory();
+            let (series, bytes) = (series as u64, bytes as u64);
+            // Each worker adds the change in its own share.
+            let m = &self.metrics;
+            m.analytics_series
+                .fetch_add(series.wrapping_sub(self.reported.0), Relaxed);
+            m.analytics_bytes
+                .fetch_add(bytes.wrapping_sub(self.reported.1), Relaxed);
+            self.reported = (series, bytes);
             self.collect_outputs();
         }
     }

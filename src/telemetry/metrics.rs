@@ -82,6 +82,10 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     pub alerts: AtomicU64,
     pub late_readings: AtomicU64,
+    /// Series with analytics state, over all shards.
+    pub analytics_series: AtomicU64,
+    /// Bytes of that state (windows, detectors, rules, reorder buffers).
+    pub analytics_bytes: AtomicU64,
     pub alerts_unpublished: AtomicU64,
     pub spool_batches_written: AtomicU64,
     pub spool_batches_replayed: AtomicU64,
@@ -230,6 +234,13 @@ impl Metrics {
             "edge_gateway_late_readings_total",
             "Readings later than analytics.lateness_secs: stored, kept out of analytics.",
             self.late_readings.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edge_gateway_analytics_series Series with analytics state.\n# TYPE edge_gateway_analytics_series gauge\nedge_gateway_analytics_series {}\n\
+             # HELP edge_gateway_analytics_state_bytes Bytes of analytics state (windows, detectors, rules, reorder buffers).\n# TYPE edge_gateway_analytics_state_bytes gauge\nedge_gateway_analytics_state_bytes {}",
+            self.analytics_series.load(Relaxed),
+            self.analytics_bytes.load(Relaxed)
         );
         counter(
             &mut out,
