@@ -115,6 +115,8 @@ struct Series {
     windows: Box<[Window]>,
     detector: Detector,
     rules: Box<[(usize, RuleState)]>,
+    /// Receive time of the newest reading.
+    last_arrival: Micros,
     /// The current minute's rollup: (minute, count, min, max, sum).
     minute: Option<(Micros, i64, f64, f64, f64)>,
 }
@@ -181,6 +183,7 @@ impl Series {
                 .map(|(i, _)| (i, RuleState::default()))
                 .collect(),
             minute: None,
+            last_arrival: 0,
         }
     }
 }
@@ -263,53 +266,23 @@ impl Analytics {
             out.late += 1;
             return;
         }
+        series.last_arrival = now;
         released.clear();
         series.reorder.release(|t, v| released.push((t, v)));
-        let mut raised = Vec::new();
-        for &(t, v) in released.iter() {
-            step(
-                series,
-                anomaly,
-                device,
-                metric,
-                t,
-                v,
-                rules,
-                config.rollups,
-                out,
-                &mut raised,
-            );
-        }
-        for (name, t) in raised {
-            for (i, seq) in &mut state.sequences {
-                let rule = &rules[*i];
-                if seq.raised(rule, &name, t) {
-                    let detail = format!(
-                        "{{\"first\":{},\"then\":{}}}",
-                        json_string(rule.first.as_deref().unwrap_or("")),
-                        json_string(&name)
-                    );
-                    out.alerts.push(alert(
-                        t,
-                        device,
-                        metric,
-                        &rule.name,
-                        Transition::Raised,
-                        None,
-                        detail.clone(),
-                    ));
-                    out.alerts.push(alert(
-                        t,
-                        device,
-                        metric,
-                        &rule.name,
-                        Transition::Cleared,
-                        None,
-                        detail,
-                    ));
-                }
-            }
-        }
+        let ctx = StepContext {
+            anomaly,
+            rules,
+            rollups: config.rollups,
+        };
+        run_released(
+            &ctx,
+            series,
+            &mut state.sequences,
+            device,
+            metric,
+            released,
+            out,
+        );
     }
 
     /// Replaces the rules (SIGHUP reload). A rule whose settings did not
@@ -403,8 +376,69 @@ impl Analytics {
         })
     }
 
-    /// A clock tick: silence rules.
+    /// At shutdown: runs every reading still held for reordering through
+    /// the analytics (so the last `lateness_secs` are not left out) and
+    /// emits each series' current, partial minute rollup (the database
+    /// merges it with the rest of that minute after a restart).
+    pub fn drain(&mut self, out: &mut Outputs) {
+        self.release_idle(|_| true, out);
+        for (device, state) in &mut self.devices {
+            for (metric, series) in &mut state.series {
+                if let Some((bucket, count, min, max, sum)) = series.minute.take() {
+                    out.rollups.push(Rollup {
+                        bucket,
+                        device: device.clone(),
+                        metric: metric.clone(),
+                        count,
+                        min,
+                        max,
+                        sum,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Releases the held readings of series for which `idle(last arrival)`
+    /// holds: nothing newer will come to push them out.
+    fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) {
+        let Analytics {
+            anomaly,
+            rules,
+            devices,
+            released,
+            config,
+        } = self;
+        let ctx = StepContext {
+            anomaly,
+            rules,
+            rollups: config.rollups,
+        };
+        for (device, state) in devices.iter_mut() {
+            for (metric, series) in &mut state.series {
+                if series.reorder.is_empty() || !idle(series.last_arrival) {
+                    continue;
+                }
+                released.clear();
+                series.reorder.flush(|t, v| released.push((t, v)));
+                run_released(
+                    &ctx,
+                    series,
+                    &mut state.sequences,
+                    device,
+                    metric,
+                    released,
+                    out,
+                );
+            }
+        }
+    }
+
+    /// A clock tick: silence rules, and the held readings of series that
+    /// went quiet for longer than the lateness.
     pub fn tick(&mut self, now: Micros, out: &mut Outputs) {
+        let lateness = (self.config.lateness_secs * MICROS_PER_SEC as f64) as Micros;
+        self.release_idle(|last_arrival| now - last_arrival > lateness, out);
         for (device, state) in &mut self.devices {
             for (i, s) in &mut state.silence {
                 let rule = &self.rules[*i];
@@ -413,6 +447,72 @@ impl Analytics {
                     out.alerts
                         .push(alert(now, device, "", &rule.name, tr, None, detail));
                 }
+            }
+        }
+    }
+}
+
+/// What the per-reading analytics steps share.
+struct StepContext<'a> {
+    anomaly: &'a AnomalyConfig,
+    rules: &'a [RuleConfig],
+    rollups: bool,
+}
+
+/// Runs readings a reorder buffer released, in time order, through the
+/// windows, detector and rules of `series`, then the device's sequence
+/// rules over the alerts they raised.
+fn run_released(
+    ctx: &StepContext<'_>,
+    series: &mut Series,
+    sequences: &mut [(usize, Sequence)],
+    device: &Arc<str>,
+    metric: &str,
+    released: &[(Micros, f64)],
+    out: &mut Outputs,
+) {
+    let mut raised = Vec::new();
+    for &(t, v) in released {
+        step(
+            series,
+            ctx.anomaly,
+            device,
+            metric,
+            t,
+            v,
+            ctx.rules,
+            ctx.rollups,
+            out,
+            &mut raised,
+        );
+    }
+    for (name, t) in raised {
+        for (i, seq) in sequences.iter_mut() {
+            let rule = &ctx.rules[*i];
+            if seq.raised(rule, &name, t) {
+                let detail = format!(
+                    "{{\"first\":{},\"then\":{}}}",
+                    json_string(rule.first.as_deref().unwrap_or("")),
+                    json_string(&name)
+                );
+                out.alerts.push(alert(
+                    t,
+                    device,
+                    metric,
+                    &rule.name,
+                    Transition::Raised,
+                    None,
+                    detail.clone(),
+                ));
+                out.alerts.push(alert(
+                    t,
+                    device,
+                    metric,
+                    &rule.name,
+                    Transition::Cleared,
+                    None,
+                    detail,
+                ));
             }
         }
     }
@@ -553,6 +653,36 @@ mod tests {
                 .map(|r| r.rules)
                 .unwrap_or_default(),
         )
+    }
+
+    /// Readings held for reordering reach the rules once the series has
+    /// been quiet for longer than the lateness (a tick), and at shutdown
+    /// (drain), which also emits the partial minute's rollup.
+    #[test]
+    fn held_readings_are_released_when_the_series_goes_quiet_and_at_shutdown() {
+        let config = AnalyticsConfig {
+            lateness_secs: 2.0,
+            ..AnalyticsConfig::default()
+        };
+        let mut a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
+        let dev: Arc<str> = Arc::from("d1");
+        let mut out = Outputs::default();
+        let s = MICROS_PER_SEC;
+        // 20 then 35: "hot" raises on the second reading, which is held.
+        a.observe(&dev, "temperature", 0, 20.0, 0, &mut out);
+        a.observe(&dev, "temperature", s, 35.0, s, &mut out);
+        assert!(out.alerts.is_empty());
+        a.tick(2 * s, &mut out);
+        assert!(out.alerts.is_empty(), "not quiet for longer than 2 s yet");
+        a.tick(4 * s, &mut out);
+        let raised: Vec<&str> = out.alerts.iter().map(|x| x.rule.as_str()).collect();
+        assert_eq!(raised, ["hot"]);
+        assert!(out.rollups.is_empty());
+        a.observe(&dev, "temperature", 5 * s, 36.0, 5 * s, &mut out);
+        a.drain(&mut out);
+        assert_eq!(out.rollups.len(), 1);
+        assert_eq!(out.rollups[0].count, 3);
+        assert_eq!(out.rollups[0].max, 36.0);
     }
 
     /// The analytics state of one series with the default windows and

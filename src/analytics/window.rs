@@ -240,6 +240,20 @@ impl Reorder {
         self.heap.capacity() * std::mem::size_of::<Reverse<(Micros, u64, OrdF64)>>()
     }
 
+    /// True when no reading is held.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    /// Releases every held reading, in time order.
+    pub fn flush(&mut self, mut out: impl FnMut(Micros, f64)) {
+        while let Some(Reverse((t, _, v))) = self.heap.pop() {
+            self.released = t;
+            out(t, v.0);
+        }
+        self.heap.shrink_to(16);
+    }
+
     /// Releases, in time order, the readings older than newest - lateness.
     pub fn release(&mut self, mut out: impl FnMut(Micros, f64)) {
         let until = self.newest.saturating_sub(self.lateness);

@@ -206,6 +206,10 @@ impl Worker {
                 }
             }
             if self.shard.is_closed() && self.shard.is_empty() {
+                if let Some(analytics) = &mut self.analytics {
+                    analytics.drain(&mut self.outputs);
+                    self.collect_outputs();
+                }
                 self.flush().await;
                 return;
             }
