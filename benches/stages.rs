@@ -1,5 +1,8 @@
-//! Per-stage benches: decode (each format) and COPY row encoding, per
-//! reading. Run with `cargo bench --bench stages`.
+//! Per-stage benches, each with its throughput unit: decode (each
+//! format) and COPY row encoding per reading, the shard ring per message,
+//! the dedup check per message, analytics per reading, and the whole shard
+//! worker step (decode, dedup, analytics, COPY encoding) per reading. Run
+//! with `cargo bench --bench stages`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edge_gateway::config::PartitionInterval;
@@ -169,11 +172,120 @@ fn bench_analytics(c: &mut Criterion) {
     group.finish();
 }
 
+/// A message of `device` as the MQTT source hands it to the router.
+fn message(id: u64, device: &str, payload: &bytes::Bytes) -> edge_gateway::model::Message {
+    use std::sync::Arc;
+    edge_gateway::model::Message {
+        id,
+        device: Some(Arc::from(device)),
+        topic: Arc::from(format!("devices/{device}/telemetry").as_str()),
+        payload: payload.clone(),
+        received: edge_gateway::model::now_micros(),
+        content_type: None,
+        redelivery: false,
+    }
+}
+
+/// The shard ring: a router push (device hash, lock-free queue, wake-up)
+/// and the worker's pop, per message.
+fn bench_ring(c: &mut Criterion) {
+    use edge_gateway::shard::Router;
+    use edge_gateway::telemetry::Metrics;
+    use futures_util::FutureExt;
+    let router = Router::new(2, 4096);
+    let metrics = Metrics::default();
+    let payload = bytes::Bytes::from_static(b"{}");
+    let messages: Vec<_> = (0..64)
+        .map(|d| message(d, &format!("dev-{d:04}"), &payload))
+        .collect();
+    let mut group = c.benchmark_group("ring");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("push_pop", |b| {
+        let mut n = 0usize;
+        b.iter(|| {
+            n += 1;
+            let m = messages[n % messages.len()].clone();
+            // The ring has room, so the push completes at once.
+            let _ = router.push(m, &metrics).now_or_never();
+            router.shards().iter().find_map(|s| s.pop())
+        })
+    });
+    group.finish();
+}
+
+/// The shard worker's whole step for packed native CBOR messages (200
+/// readings each) from 100 devices: decode, duplicate check, analytics
+/// (three windows, the detector, one rule) and COPY encoding into the
+/// batch, per reading.
+fn bench_worker_step(c: &mut Criterion) {
+    use edge_gateway::analytics::anomaly::AnomalyConfig;
+    use edge_gateway::analytics::engine::{Analytics, AnalyticsConfig};
+    use edge_gateway::config::Config;
+    use edge_gateway::shard::dedup::Dedup;
+    use edge_gateway::shard::worker::{BatchIds, Worker, WorkerConfig};
+    use edge_gateway::shard::Router;
+    use edge_gateway::telemetry::Metrics;
+    use std::sync::Arc;
+    let config = Config::default();
+    let samples = samples();
+    let readings: usize = samples.iter().map(|s| s.metrics.len()).sum();
+    let per_round = 100;
+    let mut group = c.benchmark_group("worker_step");
+    group.throughput(Throughput::Elements((readings * per_round) as u64));
+    group.bench_function("native_cbor_analytics", |b| {
+        let mut seq = 0u64;
+        b.iter_batched(
+            || {
+                seq += 1;
+                let payload = bytes::Bytes::from(edge_payload::encode(
+                    Format::NativeCbor,
+                    seq,
+                    &samples,
+                    &firmware_sim::unit_of,
+                ));
+                let router = Router::new(1, 16);
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let worker = Worker::new(
+                    router.shards()[0].clone(),
+                    WorkerConfig::from_config(&config),
+                    Arc::new(Partitions::new("edge", PartitionInterval::Daily)),
+                    Arc::new(Metrics::default()),
+                    tx,
+                    Dedup::new(1000, i64::MAX / 4),
+                    Arc::new(BatchIds::new()),
+                )
+                .with_analytics(
+                    Analytics::new(
+                        Arc::new(AnalyticsConfig::default()),
+                        AnomalyConfig::default(),
+                        Arc::new(Vec::new()),
+                    ),
+                    None,
+                );
+                let messages: Vec<_> = (0..per_round)
+                    .map(|d| message(d as u64, &format!("dev-{d:04}"), &payload))
+                    .collect();
+                (worker, messages, rx)
+            },
+            |(mut worker, messages, rx)| {
+                for m in messages {
+                    worker.handle(m);
+                }
+                (worker, rx)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_decode,
     bench_copy_encode,
+    bench_ring,
     bench_dedup,
-    bench_analytics
+    bench_analytics,
+    bench_worker_step
 );
 criterion_main!(benches);
