@@ -463,16 +463,21 @@ fn publishers(
 /// Devices are interleaved round by round, as live devices would be.
 /// Returns the encoded messages' readings and when publishing started.
 async fn burst(o: &Options, port: u16) -> Result<(u64, Instant)> {
+    // Samples 10 ms apart (a 100 Hz sensor), ending now: the readings of a
+    // series span more than the reorder lateness, so analytics releases
+    // them as they come instead of holding a whole series at once.
+    let step_ms = 10;
     let sim = SimConfig {
         devices: o.devices,
         metrics: o.metrics,
         pack: o.pack,
-        step_ms: Some(1),
+        step_ms: Some(step_ms),
         ..SimConfig::default()
     };
     let start_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as i64;
+        .as_millis() as i64
+        - o.samples_per_device() as i64 * step_ms;
     let mut queues: Vec<Vec<(String, bytes::Bytes)>> = vec![Vec::new(); o.publishers];
     let mut readings = 0u64;
     let rounds = o.samples_per_device() / o.pack as u64;
