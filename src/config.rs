@@ -194,7 +194,7 @@ impl Default for DatabaseConfig {
             url: "postgresql://postgres@127.0.0.1:5432/postgres".into(),
             schema: "edge".into(),
             writers: 2,
-            batch_rows: 10_000,
+            batch_rows: 20_000,
             flush_interval_ms: 200,
             partition: PartitionInterval::Daily,
             partitions_ahead: 2,
