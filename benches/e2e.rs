@@ -168,6 +168,12 @@ struct GatewayProcess {
     http: String,
 }
 
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
 impl GatewayProcess {
     fn pid(&self) -> u32 {
         self.child.id()
@@ -219,6 +225,14 @@ impl GatewayProcess {
     }
 
     fn terminate(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 60 s.
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
@@ -585,9 +599,21 @@ async fn published(
     Ok(n)
 }
 
+/// Runs the benchmark; Ctrl-C or SIGTERM stops it and still removes the
+/// servers and the gateway it started (their `Drop`s run as `run` is
+/// dropped).
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = Options::from_env()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = run(o) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; servers and gateway stopped"),
+        _ = term.recv() => bail!("terminated; servers and gateway stopped"),
+    }
+}
+
+async fn run(o: Options) -> Result<()> {
     let total = o.total_readings();
     eprintln!(
         "e2e: {} readings = {} devices x {} samples x {} metrics, {} readings a message ({}), {} publishers, index {}",
