@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use edge_gateway::config::Config;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: the batch buffers (megabytes, one
+/// per batch, freed on the writer's thread) made glibc hand pages back to
+/// the kernel and fault them in again, zeroed, for the next batch.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// IoT edge ingestion gateway: MQTT to time-partitioned PostgreSQL.
 #[derive(Parser, Debug)]
 #[command(version, about)]
