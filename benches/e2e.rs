@@ -65,6 +65,14 @@ use tokio_util::sync::CancellationToken;
 const PRODUCTION_PG: &str = "fsync=on;synchronous_commit=on;full_page_writes=on;\
      max_wal_size=4GB;checkpoint_timeout=15min";
 
+/// The `;`-separated lines of a setting, empty ones left out.
+fn lines(setting: &str) -> Vec<&str> {
+    setting
+        .split(';')
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
 /// Merges `extra` into `base`: tables key by key, anything else replaced.
 fn merge(base: &mut toml::Table, extra: toml::Table) {
     for (key, value) in extra {
@@ -627,23 +635,11 @@ async fn run(o: Options) -> Result<()> {
         if o.index { "on" } else { "off" }
     );
     let settings = o.pg_settings.clone();
-    let pg = tokio::task::spawn_blocking(move || {
-        let lines: Vec<&str> = settings
-            .split(';')
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        LocalPostgres::start_with(&lines)
-    })
-    .await??;
+    let pg =
+        tokio::task::spawn_blocking(move || LocalPostgres::start_with(&lines(&settings))).await??;
     let overrides = o.mosquitto.clone();
-    let broker = tokio::task::spawn_blocking(move || {
-        let lines: Vec<&str> = overrides
-            .split(';')
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        Mosquitto::start_with(&lines)
-    })
-    .await??;
+    let broker =
+        tokio::task::spawn_blocking(move || Mosquitto::start_with(&lines(&overrides))).await??;
     let dir = tempfile::Builder::new().prefix("edge-e2e-").tempdir()?;
     let http = format!("127.0.0.1:{}", free_port()?);
     let config_path = dir.path().join("gateway.toml");

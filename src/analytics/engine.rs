@@ -655,18 +655,23 @@ mod tests {
         )
     }
 
+    /// Analytics with the test rules and `lateness_secs`, a device "d1",
+    /// and an empty output.
+    fn analytics(lateness_secs: f64) -> (Analytics, Arc<str>, Outputs) {
+        let config = AnalyticsConfig {
+            lateness_secs,
+            ..AnalyticsConfig::default()
+        };
+        let a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
+        (a, Arc::from("d1"), Outputs::default())
+    }
+
     /// Readings held for reordering reach the rules once the series has
     /// been quiet for longer than the lateness (a tick), and at shutdown
     /// (drain), which also emits the partial minute's rollup.
     #[test]
     fn held_readings_are_released_when_the_series_goes_quiet_and_at_shutdown() {
-        let config = AnalyticsConfig {
-            lateness_secs: 2.0,
-            ..AnalyticsConfig::default()
-        };
-        let mut a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
-        let dev: Arc<str> = Arc::from("d1");
-        let mut out = Outputs::default();
+        let (mut a, dev, mut out) = analytics(2.0);
         let s = MICROS_PER_SEC;
         // 20 then 35: "hot" raises on the second reading, which is held.
         a.observe(&dev, "temperature", 0, 20.0, 0, &mut out);
@@ -692,13 +697,7 @@ mod tests {
     /// while that is worked on.
     #[test]
     fn a_series_holds_about_one_and_a_half_kib() {
-        let mut a = Analytics::new(
-            Arc::new(AnalyticsConfig::default()),
-            AnomalyConfig::default(),
-            rules(),
-        );
-        let dev: Arc<str> = Arc::from("d1");
-        let mut out = Outputs::default();
+        let (mut a, dev, mut out) = analytics(AnalyticsConfig::default().lateness_secs);
         for i in 0..5_000i64 {
             let t = i * MICROS_PER_SEC;
             let v = 20.0 + (i % 17) as f64 * 0.1;
@@ -715,13 +714,7 @@ mod tests {
 
     #[test]
     fn alerts_rollups_silence_and_sequence() {
-        let config = AnalyticsConfig {
-            lateness_secs: 0.0,
-            ..AnalyticsConfig::default()
-        };
-        let mut a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
-        let dev: Arc<str> = Arc::from("d1");
-        let mut out = Outputs::default();
+        let (mut a, dev, mut out) = analytics(0.0);
         let s = MICROS_PER_SEC;
         for (i, v) in [20.0, 31.0, 32.0, 29.0, 27.0, 5.0, 20.0].iter().enumerate() {
             a.observe(
@@ -772,13 +765,7 @@ mod tests {
 
     #[test]
     fn late_readings_are_counted_and_kept_out() {
-        let mut a = Analytics::new(
-            Arc::new(AnalyticsConfig::default()),
-            AnomalyConfig::default(),
-            rules(),
-        );
-        let dev: Arc<str> = Arc::from("d1");
-        let mut out = Outputs::default();
+        let (mut a, dev, mut out) = analytics(AnalyticsConfig::default().lateness_secs);
         let s = MICROS_PER_SEC;
         a.observe(&dev, "temperature", 100 * s, 20.0, 0, &mut out);
         a.observe(&dev, "temperature", 99 * s, 20.0, 0, &mut out);
