@@ -23,8 +23,9 @@ pub const DEAD_LETTER_REASONS: [&str; 12] = [
     "rejected_by_database",
 ];
 
-/// Upper bounds (seconds) of latency histogram buckets; fine between 10 and 500 ms, where the latency
-/// targets are, so quantiles read from the buckets are close.
+/// Upper bounds (seconds) of latency histogram buckets; fine between 10 and
+/// 500 ms, where the latency targets are, so quantiles read from the
+/// buckets are close.
 const BUCKETS: [f64; 20] = [
     0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
     2.5, 5.0, 10.0, 30.0,
@@ -150,12 +151,8 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
-        let gauge = |out: &mut String, name: &str, help: &str, v: bool| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                u8::from(v)
-            );
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         counter(
             &mut out,
@@ -235,12 +232,17 @@ impl Metrics {
             "Readings later than analytics.lateness_secs: stored, kept out of analytics.",
             self.late_readings.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP edge_gateway_analytics_series Series with analytics state.\n# TYPE edge_gateway_analytics_series gauge\nedge_gateway_analytics_series {}\n\
-             # HELP edge_gateway_analytics_state_bytes Bytes of analytics state (windows, detectors, rules, reorder buffers).\n# TYPE edge_gateway_analytics_state_bytes gauge\nedge_gateway_analytics_state_bytes {}",
+        gauge(
+            &mut out,
+            "edge_gateway_analytics_series",
+            "Series with analytics state.",
             self.analytics_series.load(Relaxed),
-            self.analytics_bytes.load(Relaxed)
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_analytics_state_bytes",
+            "Bytes of analytics state (windows, detectors, rules, reorder buffers).",
+            self.analytics_bytes.load(Relaxed),
         );
         counter(
             &mut out,
@@ -280,19 +282,19 @@ impl Metrics {
             &mut out,
             "edge_gateway_mqtt_connected",
             "1 while connected to the broker.",
-            self.mqtt_connected.load(Relaxed),
+            u64::from(self.mqtt_connected.load(Relaxed)),
         );
         gauge(
             &mut out,
             "edge_gateway_mqtt_subscribed",
             "1 once the topic subscriptions are acknowledged.",
-            self.mqtt_subscribed.load(Relaxed),
+            u64::from(self.mqtt_subscribed.load(Relaxed)),
         );
         gauge(
             &mut out,
             "edge_gateway_db_connected",
             "1 while the last database operation succeeded.",
-            self.db_connected.load(Relaxed),
+            u64::from(self.db_connected.load(Relaxed)),
         );
         let _ = writeln!(out, "# HELP edge_gateway_ring_occupancy Messages waiting in each shard ring.\n# TYPE edge_gateway_ring_occupancy gauge");
         for (shard, n) in self
