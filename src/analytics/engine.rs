@@ -117,8 +117,8 @@ struct Series {
     rules: Box<[(usize, RuleState)]>,
     /// Receive time of the newest reading.
     last_arrival: Micros,
-    /// The current minute's rollup: (minute, count, min, max, sum).
-    minute: Option<(Micros, i64, f64, f64, f64)>,
+    /// The current minute's rollup so far.
+    minute: Option<Minute>,
 }
 
 struct DeviceState {
@@ -190,6 +190,24 @@ impl Series {
 
 const MINUTE: Micros = 60 * MICROS_PER_SEC;
 
+/// A series' rollup of the current minute: (minute, count, min, max, sum).
+/// Device and metric are the series' own keys, added when it is emitted.
+type Minute = (Micros, i64, f64, f64, f64);
+
+/// The `rollups_1m` row of a finished (or, at shutdown, partial) minute.
+fn rollup(minute: Minute, device: &Arc<str>, metric: &str) -> Rollup {
+    let (bucket, count, min, max, sum) = minute;
+    Rollup {
+        bucket,
+        device: device.clone(),
+        metric: metric.to_string(),
+        count,
+        min,
+        max,
+        sum,
+    }
+}
+
 /// A worker's analytics for all its devices.
 pub struct Analytics {
     config: Arc<AnalyticsConfig>,
@@ -198,6 +216,8 @@ pub struct Analytics {
     devices: HashMap<Arc<str>, DeviceState>,
     /// Scratch space for readings released by a reorder buffer.
     released: Vec<(Micros, f64)>,
+    /// Series held and the bytes of their state, as of the last tick.
+    footprint: (usize, usize),
 }
 
 impl Analytics {
@@ -212,6 +232,7 @@ impl Analytics {
             rules,
             devices: HashMap::new(),
             released: Vec::new(),
+            footprint: (0, 0),
         }
     }
 
@@ -232,6 +253,7 @@ impl Analytics {
             rules,
             devices,
             released,
+            ..
         } = self;
         if !config.enabled {
             return;
@@ -366,14 +388,10 @@ impl Analytics {
         }
     }
 
-    /// Series held and the bytes of their state.
+    /// Series held and the bytes of their state, as of the last tick
+    /// (measured in the pass the tick makes over every series anyway).
     pub fn memory(&self) -> (usize, usize) {
-        self.devices.values().fold((0, 0), |(n, bytes), d| {
-            (
-                n + d.series.len(),
-                bytes + d.series.iter().map(|(k, s)| s.memory(k)).sum::<usize>(),
-            )
-        })
+        self.footprint
     }
 
     /// At shutdown: runs every reading still held for reordering through
@@ -384,31 +402,26 @@ impl Analytics {
         self.release_idle(|_| true, out);
         for (device, state) in &mut self.devices {
             for (metric, series) in &mut state.series {
-                if let Some((bucket, count, min, max, sum)) = series.minute.take() {
-                    out.rollups.push(Rollup {
-                        bucket,
-                        device: device.clone(),
-                        metric: metric.clone(),
-                        count,
-                        min,
-                        max,
-                        sum,
-                    });
+                if let Some(minute) = series.minute.take() {
+                    out.rollups.push(rollup(minute, device, metric));
                 }
             }
         }
     }
 
     /// Releases the held readings of series for which `idle(last arrival)`
-    /// holds: nothing newer will come to push them out.
-    fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) {
+    /// holds: nothing newer will come to push them out. Returns the series
+    /// held and the bytes of their state, measured in the same pass.
+    fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) -> (usize, usize) {
         let Analytics {
             anomaly,
             rules,
             devices,
             released,
             config,
+            ..
         } = self;
+        let mut footprint = (0, 0);
         let ctx = StepContext {
             anomaly,
             rules,
@@ -416,29 +429,31 @@ impl Analytics {
         };
         for (device, state) in devices.iter_mut() {
             for (metric, series) in &mut state.series {
-                if series.reorder.is_empty() || !idle(series.last_arrival) {
-                    continue;
+                if !series.reorder.is_empty() && idle(series.last_arrival) {
+                    released.clear();
+                    series.reorder.flush(|t, v| released.push((t, v)));
+                    run_released(
+                        &ctx,
+                        series,
+                        &mut state.sequences,
+                        device,
+                        metric,
+                        released,
+                        out,
+                    );
                 }
-                released.clear();
-                series.reorder.flush(|t, v| released.push((t, v)));
-                run_released(
-                    &ctx,
-                    series,
-                    &mut state.sequences,
-                    device,
-                    metric,
-                    released,
-                    out,
-                );
+                footprint.0 += 1;
+                footprint.1 += series.memory(metric);
             }
         }
+        footprint
     }
 
     /// A clock tick: silence rules, and the held readings of series that
     /// went quiet for longer than the lateness.
     pub fn tick(&mut self, now: Micros, out: &mut Outputs) {
         let lateness = (self.config.lateness_secs * MICROS_PER_SEC as f64) as Micros;
-        self.release_idle(|last_arrival| now - last_arrival > lateness, out);
+        self.footprint = self.release_idle(|last_arrival| now - last_arrival > lateness, out);
         for (device, state) in &mut self.devices {
             for (i, s) in &mut state.silence {
                 let rule = &self.rules[*i];
@@ -591,16 +606,8 @@ fn step(
                 *sum += v;
             }
             current => {
-                if let Some((bucket, count, min, max, sum)) = current.take() {
-                    out.rollups.push(Rollup {
-                        bucket,
-                        device: device.clone(),
-                        metric: metric.to_string(),
-                        count,
-                        min,
-                        max,
-                        sum,
-                    });
+                if let Some(done) = current.take() {
+                    out.rollups.push(rollup(done, device, metric));
                 }
                 *current = Some((minute, 1, v, v, v));
             }
