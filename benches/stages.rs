@@ -116,7 +116,7 @@ fn bench_analytics(c: &mut Criterion) {
     use edge_gateway::analytics::anomaly::{AnomalyConfig, Detector};
     use edge_gateway::analytics::engine::{Analytics, AnalyticsConfig, Outputs};
     use edge_gateway::analytics::rules::{Kind, RuleConfig, RuleState};
-    use edge_gateway::analytics::window::Window;
+    use edge_gateway::analytics::window::{Layout, Windows};
     use std::sync::Arc;
     let rule = RuleConfig {
         name: "hot".into(),
@@ -134,20 +134,16 @@ fn bench_analytics(c: &mut Criterion) {
     let mut group = c.benchmark_group("analytics");
     group.throughput(Throughput::Elements(1));
     group.bench_function("windows3_detector_rule", |b| {
-        let mut windows: Vec<Window> = [10, 60, 300]
-            .iter()
-            .map(|s| Window::new(s * 1_000_000, 5))
-            .collect();
+        let layout = Layout::new(&[10_000_000, 60_000_000, 300_000_000], 5);
+        let mut windows = Windows::new(&layout);
         let anomaly = AnomalyConfig::default();
         let mut detector = Detector::new(&anomaly);
-        let mut state = RuleState::default();
+        let mut state = RuleState::new(0);
         let mut t = 0i64;
         b.iter(|| {
             t += 1_000_000;
             let v = 20.0 + ((t / 1_000_000) % 17) as f64 * 0.7;
-            for w in &mut windows {
-                w.push(t, v);
-            }
+            windows.push(&layout, t, v);
             let score = detector.update(&anomaly, v);
             state.update(&rule, t, v, score)
         })

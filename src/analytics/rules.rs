@@ -157,18 +157,50 @@ impl Transition {
     }
 }
 
-/// The state machine of one rule on one series.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The state machine of one rule on one series: 32 bytes, as there is one
+/// per rule and series.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuleState {
+    /// Since when the condition (or, when raised, the clear condition)
+    /// holds; `NONE` when it does not.
+    since: Micros,
+    /// Rate: the previous reading; stuck: the start of the current run of
+    /// equal values (time `NONE` before the first).
+    memo: (Micros, f64),
+    /// The rule's index in the rule list.
+    rule: u32,
     raised: bool,
-    /// Since when the condition (or, when raised, the clear condition) holds.
-    since: Option<Micros>,
-    previous: Option<(Micros, f64)>,
-    /// Stuck: start of the current run of equal values.
-    run: Option<(Micros, f64)>,
 }
 
+/// "No time" in [`RuleState`].
+const NONE: Micros = Micros::MIN;
+
 impl RuleState {
+    /// The state of rule `rule` (its index in the rule list) on a new
+    /// series.
+    pub fn new(rule: usize) -> RuleState {
+        RuleState {
+            since: NONE,
+            memo: (NONE, 0.0),
+            rule: rule as u32,
+            raised: false,
+        }
+    }
+
+    /// The rule's index in the rule list.
+    pub fn rule(&self) -> usize {
+        self.rule as usize
+    }
+
+    /// The same state for the same rule at index `rule` of a new rule
+    /// list (a reload that kept it).
+    pub fn moved_to(self, rule: usize) -> RuleState {
+        RuleState {
+            rule: rule as u32,
+            ..self
+        }
+    }
+
     /// Feeds one reading (and the detector's score); returns a transition
     /// when the alert is raised or cleared.
     pub fn update(
@@ -188,24 +220,24 @@ impl RuleState {
             Kind::Below => (v < threshold, v >= clear),
             Kind::Anomaly => (score >= threshold, score < clear),
             Kind::Rate => {
-                let rate = self.previous.and_then(|(pt, pv)| {
-                    (t > pt).then(|| (v - pv).abs() / ((t - pt) as f64 / MICROS_PER_SEC as f64))
-                });
-                self.previous = Some((t, v));
+                let (pt, pv) = self.memo;
+                let rate = (pt != NONE && t > pt)
+                    .then(|| (v - pv).abs() / ((t - pt) as f64 / MICROS_PER_SEC as f64));
+                self.memo = (t, v);
                 match rate {
                     Some(r) => (r > threshold, r <= clear),
                     None => return None,
                 }
             }
             Kind::Stuck => {
-                let run_start = match self.run {
-                    Some((start, first)) if (v - first).abs() <= threshold => start,
+                let run_start = match self.memo {
+                    (start, first) if start != NONE && (v - first).abs() <= threshold => start,
                     _ => {
-                        self.run = Some((t, v));
+                        self.memo = (t, v);
                         t
                     }
                 };
-                let stuck = t - run_start >= secs(rule.for_secs);
+                let stuck = t.saturating_sub(run_start) >= secs(rule.for_secs);
                 // Duration is measured by the run itself, not by `since`.
                 return self.step(stuck, !stuck, t, 0, 0);
             }
@@ -228,15 +260,17 @@ impl RuleState {
             (bad, hold)
         };
         if !wanted {
-            self.since = None;
+            self.since = NONE;
             return None;
         }
-        let since = *self.since.get_or_insert(t);
-        if t - since < hold {
+        if self.since == NONE {
+            self.since = t;
+        }
+        if t.saturating_sub(self.since) < hold {
             return None;
         }
         self.raised = !self.raised;
-        self.since = None;
+        self.since = NONE;
         Some(if self.raised {
             Transition::Raised
         } else {
@@ -351,7 +385,7 @@ mod tests {
         #[test]
         fn a_noisy_crossing_raises_once_and_clears_once(noise in prop::collection::vec(-0.9f64..0.9, 300)) {
             let r = rule(Kind::Above, 80.0, Some(78.0), 0.0);
-            let mut state = RuleState::default();
+            let mut state = RuleState::new(0);
             let mut events = Vec::new();
             for (i, n) in noise.iter().enumerate() {
                 // 70 -> 90 -> 70, each step plus noise within +-0.9.
@@ -367,7 +401,7 @@ mod tests {
     #[test]
     fn minimum_duration_filters_short_excursions() {
         let r = rule(Kind::Above, 10.0, None, 5.0);
-        let mut s = RuleState::default();
+        let mut s = RuleState::new(0);
         let values = [
             (0, 11.0),
             (3, 12.0),
@@ -390,7 +424,7 @@ mod tests {
     #[test]
     fn below_rate_stuck_and_anomaly() {
         let below = rule(Kind::Below, 5.0, Some(6.0), 0.0);
-        let mut s = RuleState::default();
+        let mut s = RuleState::new(0);
         let seq: Vec<_> = [7.0, 4.0, 5.5, 6.5]
             .iter()
             .enumerate()
@@ -399,7 +433,7 @@ mod tests {
         assert_eq!(seq, vec![Transition::Raised, Transition::Cleared]);
 
         let rate = rule(Kind::Rate, 2.0, None, 0.0);
-        let mut s = RuleState::default();
+        let mut s = RuleState::new(0);
         let seq: Vec<_> = [0.0, 1.0, 5.0, 6.0]
             .iter()
             .enumerate()
@@ -408,7 +442,7 @@ mod tests {
         assert_eq!(seq, vec![Transition::Raised, Transition::Cleared]);
 
         let stuck = rule(Kind::Stuck, 0.0, None, 10.0);
-        let mut s = RuleState::default();
+        let mut s = RuleState::new(0);
         let seq: Vec<_> = [(0, 3.0), (5, 3.0), (10, 3.0), (12, 3.0), (13, 4.0)]
             .iter()
             .filter_map(|&(t, v)| s.update(&stuck, t * S, v, 0.0).map(|x| (t, x)))
@@ -422,7 +456,7 @@ mod tests {
             threshold: None,
             ..rule(Kind::Anomaly, 0.0, None, 0.0)
         };
-        let mut s = RuleState::default();
+        let mut s = RuleState::new(0);
         let seq: Vec<_> = [0.1, 0.6, 0.2]
             .iter()
             .enumerate()
