@@ -597,6 +597,41 @@ async fn watch(
     }
 }
 
+/// What the soak measured.
+#[derive(Default)]
+struct Soak {
+    /// The rate asked for.
+    rate: f64,
+    /// Readings published over the time publishing took.
+    published_per_s: f64,
+    /// Readings published over the time until the last one committed.
+    committed_per_s: f64,
+    /// How long commits went on after publishing ended: near 0 when the
+    /// gateway and the database kept up.
+    drain_secs: f64,
+    /// Least-squares slope of RSS over time, from `after` seconds on.
+    slope_mb_per_min: f64,
+}
+
+/// The least-squares slope (MiB/s) of the `(seconds, MiB)` points from
+/// `after` on; 0 with fewer than two.
+fn rss_slope(curve: &[(f64, f64)], after: f64) -> f64 {
+    let points: Vec<_> = curve.iter().filter(|(t, _)| *t >= after).collect();
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_r = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let cov: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_r)).sum();
+    let var: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
+    if var > 0.0 {
+        cov / var
+    } else {
+        0.0
+    }
+}
+
 async fn published(
     tasks: Vec<tokio::task::JoinHandle<Result<firmware_sim::Summary, firmware_sim::SimError>>>,
 ) -> Result<u64> {
@@ -808,6 +843,7 @@ async fn run(o: Options) -> Result<()> {
     // Soak: many devices at 80% of the burst rate, RSS over time.
     let mut soak_curve = Vec::new();
     let mut soak_published = 0;
+    let mut soak = Soak::default();
     if o.soak_secs > 0.0 {
         let soak_rate = if o.soak_rate > 0.0 {
             o.soak_rate
@@ -831,19 +867,25 @@ async fn run(o: Options) -> Result<()> {
             "s",
         );
         let mut next = 0.0;
+        let mut previous = 0;
         while !tasks.iter().all(|t| t.is_finished()) {
             let t = started.elapsed().as_secs_f64();
             if t >= next {
                 let (rss, _) = gw.rss_mb();
                 let committed = gw.committed().await? - committed0;
-                eprintln!("e2e: soak {t:>5.0} s  rss {rss:>7.1} MiB  committed {committed}");
+                eprintln!(
+                    "e2e: soak {t:>5.0} s  rss {rss:>7.1} MiB  committed {committed:>10}  ({:.0}/s)",
+                    (committed - previous) as f64 / 10.0
+                );
+                previous = committed;
                 soak_curve.push((t, rss));
                 next += 10.0;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         soak_published = published(tasks).await?;
-        watch(
+        let published_secs = started.elapsed().as_secs_f64();
+        let w = watch(
             &gw,
             started,
             committed0 + soak_published,
@@ -851,6 +893,13 @@ async fn run(o: Options) -> Result<()> {
             10.0,
         )
         .await?;
+        soak = Soak {
+            rate: soak_rate,
+            published_per_s: soak_published as f64 / published_secs,
+            committed_per_s: soak_published as f64 / w.done_secs,
+            drain_secs: w.done_secs - published_secs,
+            slope_mb_per_min: rss_slope(&soak_curve, 60.0) * 60.0,
+        };
     }
 
     let (_, peak_rss) = gw.rss_mb();
@@ -922,7 +971,22 @@ async fn run(o: Options) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     if !curve.is_empty() {
-        rows.push(("soak RSS (s:MiB)", curve));
+        rows.extend([
+            ("soak: target readings/s", format!("{:.0}", soak.rate)),
+            (
+                "soak: published / committed readings/s",
+                format!("{:.0} / {:.0}", soak.published_per_s, soak.committed_per_s),
+            ),
+            (
+                "soak: commits done after publishing (s)",
+                format!("{:.1}", soak.drain_secs),
+            ),
+            (
+                "soak: RSS trend after 60 s (MiB/min)",
+                format!("{:.2}", soak.slope_mb_per_min),
+            ),
+            ("soak RSS (s:MiB)", curve),
+        ]);
     }
     let mut table = format!(
         "\nedge-gateway end to end ({} readings a message, {indexes} index(es), {writers} writers, analytics on)\n",
@@ -952,6 +1016,11 @@ async fn run(o: Options) -> Result<()> {
         "burst_cpu_s": (burst_cpu * 100.0).round() / 100.0,
         "cpu_us_per_reading": (cpu_us * 1000.0).round() / 1000.0,
         "machine_busy_pct": machine_busy.round(),
+        "soak_rate": soak.rate.round(),
+        "soak_published_per_s": soak.published_per_s.round(),
+        "soak_committed_per_s": soak.committed_per_s.round(),
+        "soak_drain_s": (soak.drain_secs * 10.0).round() / 10.0,
+        "soak_rss_slope_mb_per_min": (soak.slope_mb_per_min * 100.0).round() / 100.0,
         "soak_rss_mb": soak_curve.iter().map(|(t, r)| [t.round(), (r * 10.0).round() / 10.0]).collect::<Vec<_>>(),
     });
     println!("{json}");

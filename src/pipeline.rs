@@ -242,7 +242,15 @@ async fn run_inner(
         background.clone(),
     ));
 
-    let (event_tx, event_rx) = mpsc::channel(1024);
+    // Room for the broker's whole in-flight window: while the shard rings
+    // are full the driver keeps polling the connection (so PINGRESPs and
+    // PUBACKs still flow) and parks what arrives here. The broker sends no
+    // more unacknowledged messages than receive_maximum, so this never
+    // fills with MQTT 5; before, the driver stopped reading after 1,024,
+    // and a PINGRESP queued behind the rest of the window went unread for
+    // a keep-alive: under sustained load the connection dropped every 60 s
+    // and the whole window was redelivered.
+    let (event_tx, event_rx) = mpsc::channel(usize::from(config.mqtt.receive_maximum).max(1024) + 16);
     let driver_stop = CancellationToken::new();
     let _stop_driver = driver_stop.clone().drop_guard();
     let client = source::mqtt::start(&config, event_tx, driver_stop.clone())?;

@@ -316,9 +316,13 @@ pub async fn commit(
     }
     if batch.rollup_rows > 0 {
         // Stage, then merge: a minute split across batches (or restarts)
-        // adds up instead of conflicting.
+        // adds up instead of conflicting. The staging table lives as long
+        // as the connection; PostgreSQL's notice that it already exists
+        // would be a log line per batch, so notices are off for this
+        // transaction.
         tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS edge_rollup_stage \
+            "SET LOCAL client_min_messages = warning; \
+             CREATE TEMP TABLE IF NOT EXISTS edge_rollup_stage \
              (bucket timestamptz, device_id text, metric text, count bigint, min float8, max float8, avg float8) \
              ON COMMIT DELETE ROWS",
         )

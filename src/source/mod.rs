@@ -15,6 +15,7 @@
 
 pub mod mqtt;
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +77,7 @@ pub async fn run_intake(
     } = inputs;
     let filters: Vec<TopicFilter> = config.topic_filters().unwrap_or_default();
     let mut ledger = AckLedger::new();
+    let mut acks = Acks::default();
     let mut awaiting_subacks = 0usize;
     let mut stop_intake = false;
     loop {
@@ -86,7 +88,10 @@ pub async fn run_intake(
                 for id in ids {
                     ledger.complete(id);
                 }
-                release(&mut ledger, &client, &metrics);
+                acks.send(&mut ledger, &client, &metrics);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)), if acks.waiting() => {
+                acks.send(&mut ledger, &client, &metrics);
             }
             Some((device, json)) = alerts.recv() => {
                 let prefix = &config.analytics.alert_topic_prefix;
@@ -113,7 +118,9 @@ pub async fn run_intake(
                 match event {
                     SourceEvent::Connected { session_present } => {
                         metrics.mqtt_connected.store(true, Relaxed);
+                        // The broker redelivers what was not acknowledged.
                         ledger.reset();
+                        acks.reset();
                         if stop_intake {
                             continue;
                         }
@@ -165,7 +172,14 @@ pub async fn run_intake(
             }
         }
     }
-    release(&mut ledger, &client, &metrics);
+    // The last acks, given the event loop a moment to take them.
+    for _ in 0..200 {
+        acks.send(&mut ledger, &client, &metrics);
+        if !acks.waiting() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     client.disconnect().await;
     // Let the driver write the last acks and the DISCONNECT.
     let drain = async {
@@ -178,15 +192,40 @@ pub async fn run_intake(
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
-fn release(ledger: &mut AckLedger, client: &MqttClient, metrics: &Metrics) {
-    for ack in ledger.release() {
-        match client.ack(ack) {
-            Ok(()) => {
-                metrics.acks_sent.fetch_add(1, Relaxed);
+/// PUBACKs released by the ledger and not yet taken by the event loop.
+///
+/// Acks are queued without waiting (the driver that would take them may be
+/// waiting for the intake task), so a full request channel cannot be
+/// allowed to drop one: a lost PUBACK holds a slot of the broker's
+/// in-flight window until the session ends, and enough of them stall
+/// delivery altogether. They wait here, in order, and are retried.
+#[derive(Default)]
+struct Acks {
+    waiting: VecDeque<PendingAck>,
+}
+
+impl Acks {
+    /// Sends what waits, then what the ledger releases, in order, until
+    /// the request channel is full.
+    fn send(&mut self, ledger: &mut AckLedger, client: &MqttClient, metrics: &Metrics) {
+        self.waiting.extend(ledger.release());
+        let mut sent = 0;
+        for ack in &self.waiting {
+            if client.ack(*ack).is_err() {
+                break;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not queue PUBACK; the broker will redeliver")
-            }
+            sent += 1;
         }
+        self.waiting.drain(..sent);
+        metrics.acks_sent.fetch_add(sent as u64, Relaxed);
+    }
+
+    fn waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Forgets the acks of a connection that is gone.
+    fn reset(&mut self) {
+        self.waiting.clear();
     }
 }

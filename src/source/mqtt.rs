@@ -60,11 +60,12 @@ impl MqttClient {
         }
     }
 
-    /// Queues a PUBACK. Never waits: the request channel is sized above the
-    /// receive window, so it cannot be full of acks.
+    /// Queues a PUBACK. Never waits: the intake task must not block on
+    /// the event loop, whose driver may itself be waiting for the intake.
     ///
     /// # Errors
-    /// When the request cannot be queued.
+    /// When the request channel is full (the event loop has not been
+    /// polled for a while): the caller keeps the ack and tries again.
     pub fn ack(&self, ack: PendingAck) -> Result<(), MqttError> {
         match self {
             MqttClient::V4(c) => {
