@@ -906,6 +906,7 @@ async fn run(o: Options) -> Result<()> {
     let text = gw.metrics().await?;
     let series = counter(&text, "edge_gateway_analytics_series");
     let per_series = counter(&text, "edge_gateway_analytics_state_bytes") / series.max(1.0);
+    let held_per_series = counter(&text, "edge_gateway_analytics_held_bytes") / series.max(1.0);
     let total_cpu = gw.cpu_secs();
     gw.terminate()?;
     let stored: i64 = client
@@ -952,6 +953,10 @@ async fn run(o: Options) -> Result<()> {
         (
             "analytics state per series (bytes)",
             format!("{per_series:.0}"),
+        ),
+        (
+            "readings held for reordering, per series (bytes)",
+            format!("{held_per_series:.0}"),
         ),
         ("gateway CPU in burst (s)", format!("{burst_cpu:.2}")),
         (
@@ -1013,6 +1018,7 @@ async fn run(o: Options) -> Result<()> {
         "peak_rss_mb": (peak_rss * 10.0).round() / 10.0,
         "analytics_series": series,
         "analytics_bytes_per_series": per_series.round(),
+        "analytics_held_bytes_per_series": held_per_series.round(),
         "burst_cpu_s": (burst_cpu * 100.0).round() / 100.0,
         "cpu_us_per_reading": (cpu_us * 1000.0).round() / 1000.0,
         "machine_busy_pct": machine_busy.round(),

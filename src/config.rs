@@ -121,7 +121,7 @@ impl Default for MqttConfig {
             client_id: "edge-gateway".into(),
             topics: vec!["devices/+/telemetry".into()],
             protocol: Protocol::V5,
-            receive_maximum: 16_384,
+            receive_maximum: 1024,
             session_expiry_secs: 86_400,
             keep_alive_secs: 30,
             reconnect_min_ms: 100,

@@ -250,7 +250,8 @@ async fn run_inner(
     // and a PINGRESP queued behind the rest of the window went unread for
     // a keep-alive: under sustained load the connection dropped every 60 s
     // and the whole window was redelivered.
-    let (event_tx, event_rx) = mpsc::channel(usize::from(config.mqtt.receive_maximum).max(1024) + 16);
+    let (event_tx, event_rx) =
+        mpsc::channel(usize::from(config.mqtt.receive_maximum).max(1024) + 16);
     let driver_stop = CancellationToken::new();
     let _stop_driver = driver_stop.clone().drop_guard();
     let client = source::mqtt::start(&config, event_tx, driver_stop.clone())?;

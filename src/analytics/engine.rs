@@ -158,10 +158,10 @@ impl DeviceState {
 }
 
 impl Series {
-    /// Bytes this series holds, inline and on the heap.
+    /// Bytes of this series' state, inline and on the heap; the readings
+    /// held for reordering are counted apart.
     fn memory(&self) -> usize {
         std::mem::size_of::<Series>()
-            + self.reorder.heap_bytes()
             + self.windows.heap_bytes()
             + self.detector.heap_bytes()
             + std::mem::size_of_val(&*self.rules)
@@ -236,6 +236,17 @@ impl Minute {
     }
 }
 
+/// What a worker's analytics hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Footprint {
+    pub series: usize,
+    /// Windows, detectors, rules and the series' own fields.
+    pub state_bytes: usize,
+    /// Readings held for reordering: with the default lateness of 2 s, 32
+    /// bytes a series at 1 reading/s, 3.2 KB at 100 readings/s.
+    pub held_bytes: usize,
+}
+
 /// A worker's analytics for all its devices.
 pub struct Analytics {
     config: Arc<AnalyticsConfig>,
@@ -248,8 +259,8 @@ pub struct Analytics {
     metrics: HashSet<Arc<str>>,
     /// Scratch space for readings released by a reorder buffer.
     released: Vec<(Micros, f64)>,
-    /// Series held and the bytes of their state, as of the last tick.
-    footprint: (usize, usize),
+    /// The analytics' memory as of the last tick.
+    footprint: Footprint,
 }
 
 impl Analytics {
@@ -272,7 +283,7 @@ impl Analytics {
             devices: HashMap::new(),
             metrics: HashSet::new(),
             released: Vec::new(),
-            footprint: (0, 0),
+            footprint: Footprint::default(),
         }
     }
 
@@ -439,9 +450,9 @@ impl Analytics {
         }
     }
 
-    /// Series held and the bytes of their state, as of the last tick
-    /// (measured in the pass the tick makes over every series anyway).
-    pub fn memory(&self) -> (usize, usize) {
+    /// The analytics' memory as of the last tick (measured in the pass the
+    /// tick makes over every series anyway).
+    pub fn memory(&self) -> Footprint {
         self.footprint
     }
 
@@ -461,9 +472,9 @@ impl Analytics {
     }
 
     /// Releases the held readings of series for which `idle(last arrival)`
-    /// holds: nothing newer will come to push them out. Returns the series
-    /// held and the bytes of their state, measured in the same pass.
-    fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) -> (usize, usize) {
+    /// holds: nothing newer will come to push them out. Returns the memory
+    /// of every series, measured in the same pass.
+    fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) -> Footprint {
         let Analytics {
             layout,
             anomaly,
@@ -473,7 +484,7 @@ impl Analytics {
             config,
             ..
         } = self;
-        let mut footprint = (0, 0);
+        let mut footprint = Footprint::default();
         let ctx = StepContext {
             layout,
             anomaly,
@@ -487,8 +498,9 @@ impl Analytics {
                     series.reorder.flush(|t, v| released.push((t, v)));
                     run_released(&ctx, series, &mut state.sequences, device, released, out);
                 }
-                footprint.0 += 1;
-                footprint.1 += series.memory();
+                footprint.series += 1;
+                footprint.state_bytes += series.memory();
+                footprint.held_bytes += series.reorder.heap_bytes();
             }
         }
         footprint
@@ -743,14 +755,14 @@ mod tests {
         assert_eq!(series.len(), 1);
         let s = &series[0];
         assert!(
-            s.memory() <= 1024,
-            "{} bytes: inline {}, reorder {}, windows {}, detector {}, rules {}",
+            s.memory() + s.reorder.heap_bytes() <= 1024,
+            "{} bytes of state: inline {}, windows {}, detector {}, rules {}; {} held",
             s.memory(),
             std::mem::size_of::<Series>(),
-            s.reorder.heap_bytes(),
             s.windows.heap_bytes(),
             s.detector.heap_bytes(),
-            std::mem::size_of_val(&*s.rules)
+            std::mem::size_of_val(&*s.rules),
+            s.reorder.heap_bytes()
         );
     }
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::dedup::{Dedup, Verdict};
 use super::Shard;
-use crate::analytics::engine::{Analytics, Outputs};
+use crate::analytics::engine::{Analytics, Footprint, Outputs};
 use crate::analytics::rules::RuleConfig;
 use crate::decode::decode;
 use crate::model::{Message, Micros, MICROS_PER_SEC};
@@ -95,8 +95,8 @@ pub struct Worker {
     outputs: Outputs,
     batch: Batch,
     deadline: Option<Instant>,
-    /// Analytics series and bytes last added to the shared gauges.
-    reported: (u64, u64),
+    /// Analytics memory last added to the shared gauges.
+    reported: Footprint,
 }
 
 impl Worker {
@@ -119,7 +119,7 @@ impl Worker {
             dedup,
             ids,
             analytics: None,
-            reported: (0, 0),
+            reported: Footprint::default(),
             rules: None,
             outputs: Outputs::default(),
             batch,
@@ -156,15 +156,17 @@ impl Worker {
         self.reload_rules();
         if let Some(analytics) = &mut self.analytics {
             analytics.tick(crate::model::now_micros(), &mut self.outputs);
-            let (series, bytes) = analytics.memory();
-            let (series, bytes) = (series as u64, bytes as u64);
+            let now = analytics.memory();
             // Each worker adds the change in its own share.
             let m = &self.metrics;
-            m.analytics_series
-                .fetch_add(series.wrapping_sub(self.reported.0), Relaxed);
-            m.analytics_bytes
-                .fetch_add(bytes.wrapping_sub(self.reported.1), Relaxed);
-            self.reported = (series, bytes);
+            let was = std::mem::replace(&mut self.reported, now);
+            for (gauge, now, was) in [
+                (&m.analytics_series, now.series, was.series),
+                (&m.analytics_bytes, now.state_bytes, was.state_bytes),
+                (&m.analytics_held_bytes, now.held_bytes, was.held_bytes),
+            ] {
+                gauge.fetch_add((now as u64).wrapping_sub(was as u64), Relaxed);
+            }
             self.collect_outputs();
         }
     }

@@ -85,8 +85,10 @@ pub struct Metrics {
     pub late_readings: AtomicU64,
     /// Series with analytics state, over all shards.
     pub analytics_series: AtomicU64,
-    /// Bytes of that state (windows, detectors, rules, reorder buffers).
+    /// Bytes of that state (windows, detectors, rules).
     pub analytics_bytes: AtomicU64,
+    /// Bytes of readings held for reordering.
+    pub analytics_held_bytes: AtomicU64,
     pub alerts_unpublished: AtomicU64,
     pub spool_batches_written: AtomicU64,
     pub spool_batches_replayed: AtomicU64,
@@ -241,8 +243,14 @@ impl Metrics {
         gauge(
             &mut out,
             "edge_gateway_analytics_state_bytes",
-            "Bytes of analytics state (windows, detectors, rules, reorder buffers).",
+            "Bytes of analytics state (windows, detectors, rules).",
             self.analytics_bytes.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_analytics_held_bytes",
+            "Bytes of readings held to be put back in time order (rate x lateness).",
+            self.analytics_held_bytes.load(Relaxed),
         );
         counter(
             &mut out,
