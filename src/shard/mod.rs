@@ -85,27 +85,29 @@ impl Router {
 
     /// Queues `message` on its device's shard, waiting while the ring is full.
     pub async fn push(&self, message: Message, metrics: &Metrics) {
-        let device = message.device.as_deref().unwrap_or("");
-        let shard = &self.shards[shard_of(device, self.shards.len())];
         let mut message = message;
         let mut paused = false;
-        loop {
-            match shard.ring.push(message) {
-                Ok(()) => {
-                    shard.wake.notify_one();
-                    return;
-                }
-                Err(back) => {
-                    message = back;
-                    if !paused {
-                        paused = true;
-                        metrics.intake_paused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    shard.wake.notify_one();
-                    tokio::time::sleep(Duration::from_micros(500)).await;
-                }
+        while let Err(back) = self.try_push(message) {
+            message = back;
+            if !paused {
+                paused = true;
+                metrics.intake_paused.fetch_add(1, Ordering::Relaxed);
             }
+            tokio::time::sleep(Duration::from_micros(500)).await;
         }
+    }
+
+    /// Queues `message` on its device's shard, or gives it back when the
+    /// ring is full (having woken the worker to drain it).
+    ///
+    /// # Errors
+    /// The message itself, when its shard's ring is full.
+    pub fn try_push(&self, message: Message) -> Result<(), Message> {
+        let device = message.device.as_deref().unwrap_or("");
+        let shard = &self.shards[shard_of(device, self.shards.len())];
+        let result = shard.ring.push(message);
+        shard.wake.notify_one();
+        result
     }
 
     /// Stops intake: workers drain what is queued, flush and exit.

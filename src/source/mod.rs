@@ -4,9 +4,11 @@
 //! Two tasks: a *driver* polls rumqttc's event loop and turns its events
 //! into [`SourceEvent`]s (one per protocol version, in [`mqtt`]); the
 //! *intake* task registers each PUBLISH in the [`AckLedger`], routes it to
-//! its shard (waiting while the ring is full, which stops the driver and so
-//! stops reading from the broker), and releases PUBACKs in receive order as
-//! the writers report commits.
+//! its shard, and releases PUBACKs in receive order as the writers report
+//! commits. While a ring is full the intake holds the message that does not
+//! fit and takes no more events (backpressure: the driver's channel fills,
+//! then the broker's in-flight window), but it keeps releasing PUBACKs and
+//! never waits on the MQTT client: the driver may be waiting for it.
 //!
 //! On shutdown intake stops first: later PUBLISHes are neither queued nor
 //! acknowledged, so the broker redelivers them to the next session; the
@@ -79,6 +81,12 @@ pub async fn run_intake(
     let mut ledger = AckLedger::new();
     let mut acks = Acks::default();
     let mut awaiting_subacks = 0usize;
+    // Filters to (re)subscribe to once the request channel takes them.
+    let mut to_subscribe: Vec<&str> = Vec::new();
+    // Alerts (topic, JSON) waiting for room in the request channel.
+    let mut unpublished: VecDeque<(String, String)> = VecDeque::new();
+    // A message its shard's ring had no room for, retried until it fits.
+    let mut blocked: Option<Message> = None;
     let mut stop_intake = false;
     loop {
         tokio::select! {
@@ -90,24 +98,36 @@ pub async fn run_intake(
                 }
                 acks.send(&mut ledger, &client, &metrics);
             }
-            _ = tokio::time::sleep(Duration::from_millis(5)), if acks.waiting() => {
+            _ = tokio::time::sleep(Duration::from_millis(5)), if acks.waiting() || !to_subscribe.is_empty() || !unpublished.is_empty() => {
                 acks.send(&mut ledger, &client, &metrics);
+                subscribe(&client, &mut to_subscribe);
+                publish_alerts(&client, &mut unpublished);
+            }
+            _ = tokio::time::sleep(Duration::from_micros(500)), if blocked.is_some() => {
+                if let Some(message) = blocked.take() {
+                    blocked = router.try_push(message).err();
+                }
             }
             Some((device, json)) = alerts.recv() => {
                 let prefix = &config.analytics.alert_topic_prefix;
                 if !prefix.is_empty() {
-                    if let Err(e) = client.publish_alert(&format!("{prefix}{device}"), json) {
+                    if unpublished.len() >= MAX_WAITING_ALERTS {
                         metrics.alerts_unpublished.fetch_add(1, Relaxed);
-                        tracing::warn!(error = %e, "alert not published to MQTT (it is in the alerts table)");
+                        tracing::warn!("alert not published to MQTT, too many waiting (it is in the alerts table)");
+                    } else {
+                        unpublished.push_back((format!("{prefix}{device}"), json));
+                        publish_alerts(&client, &mut unpublished);
                     }
                 }
             }
             _ = shutdown.cancelled(), if !stop_intake => {
                 stop_intake = true;
+                // Not queued, so never acknowledged: redelivered later.
+                blocked = None;
                 tracing::info!(pending = ledger.pending(), "intake stopped; draining");
                 router.close();
             }
-            event = events.recv() => {
+            event = events.recv(), if blocked.is_none() => {
                 let Some(event) = event else {
                     if !stop_intake {
                         stop_intake = true;
@@ -125,11 +145,8 @@ pub async fn run_intake(
                             continue;
                         }
                         awaiting_subacks = filters.len();
-                        for filter in &filters {
-                            if let Err(e) = client.subscribe(&filter.filter).await {
-                                tracing::warn!(error = %e, filter = %filter.filter, "subscribe request failed");
-                            }
-                        }
+                        to_subscribe = filters.iter().map(|f| f.filter.as_str()).collect();
+                        subscribe(&client, &mut to_subscribe);
                         tracing::info!(session_present, "connected to broker");
                     }
                     SourceEvent::Subscribed { granted } => {
@@ -159,7 +176,10 @@ pub async fn run_intake(
                             content_type,
                             redelivery,
                         };
-                        router.push(message, &metrics).await;
+                        if let Err(message) = router.try_push(message) {
+                            metrics.intake_paused.fetch_add(1, Relaxed);
+                            blocked = Some(message);
+                        }
                     }
                     SourceEvent::Disconnected { error } => {
                         if metrics.mqtt_connected.swap(false, Relaxed) {
@@ -190,6 +210,26 @@ pub async fn run_intake(
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// Alerts waiting to be published beyond this are counted and dropped
+/// (they are in the alerts table all the same).
+const MAX_WAITING_ALERTS: usize = 10_000;
+
+/// Queues the waiting alerts, in order, until the request channel is full.
+fn publish_alerts(client: &MqttClient, waiting: &mut VecDeque<(String, String)>) {
+    while let Some((topic, json)) = waiting.pop_front() {
+        if client.publish_alert(&topic, json.clone()).is_err() {
+            waiting.push_front((topic, json));
+            return;
+        }
+    }
+}
+
+/// Queues SUBSCRIBEs for `filters`, keeping those the request channel has
+/// no room for yet.
+fn subscribe(client: &MqttClient, filters: &mut Vec<&str>) {
+    filters.retain(|filter| client.subscribe(filter).is_err());
 }
 
 /// PUBACKs released by the ledger and not yet taken by the event loop.

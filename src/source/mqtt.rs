@@ -43,19 +43,18 @@ pub enum MqttClient {
 }
 
 impl MqttClient {
-    /// Requests a QoS 1 subscription to `filter`.
+    /// Requests a QoS 1 subscription to `filter`. Never waits, like
+    /// [`MqttClient::ack`].
     ///
     /// # Errors
-    /// When the request cannot be queued (the driver is gone).
-    pub async fn subscribe(&self, filter: &str) -> Result<(), MqttError> {
+    /// When the request channel is full: the caller tries again.
+    pub fn subscribe(&self, filter: &str) -> Result<(), MqttError> {
         match self {
             MqttClient::V4(c) => c
-                .subscribe(filter, QoS::AtLeastOnce)
-                .await
+                .try_subscribe(filter, QoS::AtLeastOnce)
                 .map_err(client_error),
             MqttClient::V5(c) => c
-                .subscribe(filter, QoS5::AtLeastOnce)
-                .await
+                .try_subscribe(filter, QoS5::AtLeastOnce)
                 .map_err(client_error),
         }
     }
