@@ -269,3 +269,36 @@ impl Acks {
         self.waiting.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request channel with room for two: acks that do not fit wait, in
+    /// order, and go out as the event loop takes what is queued. None is
+    /// lost (a lost PUBACK holds a slot of the broker's window for good;
+    /// before, the three that did not fit were dropped).
+    #[test]
+    fn acks_that_do_not_fit_wait_and_none_is_lost() {
+        let options = rumqttc::MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 2);
+        let client = MqttClient::V4(client);
+        let metrics = Metrics::default();
+        let mut ledger = AckLedger::new();
+        let mut acks = Acks::default();
+        for pkid in 1..=5 {
+            let id = ledger.register(Some(PendingAck { pkid }));
+            ledger.complete(id);
+        }
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            acks.send(&mut ledger, &client, &metrics);
+            sent.push(metrics.acks_sent.load(Relaxed));
+            // Empties the request channel, as the event loop's polls would.
+            eventloop.clean();
+        }
+        assert_eq!(sent, [2, 4, 5]);
+        assert!(!acks.waiting());
+        assert_eq!(metrics.acks_sent.load(Relaxed), 5);
+    }
+}
