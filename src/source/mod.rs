@@ -79,12 +79,8 @@ pub async fn run_intake(
     } = inputs;
     let filters: Vec<TopicFilter> = config.topic_filters().unwrap_or_default();
     let mut ledger = AckLedger::new();
-    let mut acks = Acks::default();
+    let mut outbox = Outbox::default();
     let mut awaiting_subacks = 0usize;
-    // Filters to (re)subscribe to once the request channel takes them.
-    let mut to_subscribe: Vec<&str> = Vec::new();
-    // Alerts (topic, JSON) waiting for room in the request channel.
-    let mut unpublished: VecDeque<(String, String)> = VecDeque::new();
     // A message its shard's ring had no room for, retried until it fits.
     let mut blocked: Option<Message> = None;
     let mut stop_intake = false;
@@ -96,12 +92,10 @@ pub async fn run_intake(
                 for id in ids {
                     ledger.complete(id);
                 }
-                acks.send(&mut ledger, &client, &metrics);
+                outbox.send(&mut ledger, &client, &metrics);
             }
-            _ = tokio::time::sleep(Duration::from_millis(5)), if acks.waiting() || !to_subscribe.is_empty() || !unpublished.is_empty() => {
-                acks.send(&mut ledger, &client, &metrics);
-                subscribe(&client, &mut to_subscribe);
-                publish_alerts(&client, &mut unpublished);
+            _ = tokio::time::sleep(Duration::from_millis(5)), if outbox.waiting() => {
+                outbox.send(&mut ledger, &client, &metrics);
             }
             _ = tokio::time::sleep(Duration::from_micros(500)), if blocked.is_some() => {
                 if let Some(message) = blocked.take() {
@@ -111,12 +105,12 @@ pub async fn run_intake(
             Some((device, json)) = alerts.recv() => {
                 let prefix = &config.analytics.alert_topic_prefix;
                 if !prefix.is_empty() {
-                    if unpublished.len() >= MAX_WAITING_ALERTS {
+                    if outbox.alerts >= MAX_WAITING_ALERTS {
                         metrics.alerts_unpublished.fetch_add(1, Relaxed);
                         tracing::warn!("alert not published to MQTT, too many waiting (it is in the alerts table)");
                     } else {
-                        unpublished.push_back((format!("{prefix}{device}"), json));
-                        publish_alerts(&client, &mut unpublished);
+                        outbox.push(Request::Alert(format!("{prefix}{device}"), json));
+                        outbox.send(&mut ledger, &client, &metrics);
                     }
                 }
             }
@@ -140,13 +134,15 @@ pub async fn run_intake(
                         metrics.mqtt_connected.store(true, Relaxed);
                         // The broker redelivers what was not acknowledged.
                         ledger.reset();
-                        acks.reset();
+                        outbox.reset();
                         if stop_intake {
                             continue;
                         }
                         awaiting_subacks = filters.len();
-                        to_subscribe = filters.iter().map(|f| f.filter.as_str()).collect();
-                        subscribe(&client, &mut to_subscribe);
+                        for filter in &filters {
+                            outbox.push(Request::Subscribe(filter.filter.clone()));
+                        }
+                        outbox.send(&mut ledger, &client, &metrics);
                         tracing::info!(session_present, "connected to broker");
                     }
                     SourceEvent::Subscribed { granted } => {
@@ -194,8 +190,8 @@ pub async fn run_intake(
     }
     // The last acks, given the event loop a moment to take them.
     for _ in 0..200 {
-        acks.send(&mut ledger, &client, &metrics);
-        if !acks.waiting() {
+        outbox.send(&mut ledger, &client, &metrics);
+        if !outbox.waiting() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -216,57 +212,67 @@ pub async fn run_intake(
 /// (they are in the alerts table all the same).
 const MAX_WAITING_ALERTS: usize = 10_000;
 
-/// Queues the waiting alerts, in order, until the request channel is full.
-fn publish_alerts(client: &MqttClient, waiting: &mut VecDeque<(String, String)>) {
-    while let Some((topic, json)) = waiting.pop_front() {
-        if client.publish_alert(&topic, json.clone()).is_err() {
-            waiting.push_front((topic, json));
-            return;
-        }
-    }
+/// What the intake asks of the MQTT client.
+#[derive(Debug)]
+enum Request {
+    Ack(PendingAck),
+    Subscribe(String),
+    /// Topic and JSON of an alert, published with QoS 1.
+    Alert(String, String),
 }
 
-/// Queues SUBSCRIBEs for `filters`, keeping those the request channel has
-/// no room for yet.
-fn subscribe(client: &MqttClient, filters: &mut Vec<&str>) {
-    filters.retain(|filter| client.subscribe(filter).is_err());
-}
-
-/// PUBACKs released by the ledger and not yet taken by the event loop.
+/// Requests not yet taken by the event loop, in order.
 ///
-/// Acks are queued without waiting (the driver that would take them may be
-/// waiting for the intake task), so a full request channel cannot be
-/// allowed to drop one: a lost PUBACK holds a slot of the broker's
-/// in-flight window until the session ends, and enough of them stall
-/// delivery altogether. They wait here, in order, and are retried.
+/// The intake queues requests without waiting (the driver that would take
+/// them may be waiting for the intake), so a full request channel must not
+/// drop one: a lost PUBACK holds a slot of the broker's in-flight window
+/// until the session ends, and enough of them stall delivery altogether; a
+/// lost SUBSCRIBE leaves the gateway deaf. They wait here and are retried.
 #[derive(Default)]
-struct Acks {
-    waiting: VecDeque<PendingAck>,
+struct Outbox {
+    waiting: VecDeque<Request>,
+    /// How many of them are alerts.
+    alerts: usize,
 }
 
-impl Acks {
-    /// Sends what waits, then what the ledger releases, in order, until
-    /// the request channel is full.
+impl Outbox {
+    fn push(&mut self, request: Request) {
+        self.alerts += usize::from(matches!(request, Request::Alert(..)));
+        self.waiting.push_back(request);
+    }
+
+    /// Queues what waits, then the acks the ledger releases, in order,
+    /// until the request channel is full.
     fn send(&mut self, ledger: &mut AckLedger, client: &MqttClient, metrics: &Metrics) {
-        self.waiting.extend(ledger.release());
-        let mut sent = 0;
-        for ack in &self.waiting {
-            if client.ack(*ack).is_err() {
-                break;
+        self.waiting
+            .extend(ledger.release().into_iter().map(Request::Ack));
+        while let Some(request) = self.waiting.front() {
+            let queued = match request {
+                Request::Ack(ack) => client.ack(*ack).is_ok(),
+                Request::Subscribe(filter) => client.subscribe(filter).is_ok(),
+                Request::Alert(topic, json) => client.publish_alert(topic, json.clone()).is_ok(),
+            };
+            if !queued {
+                return;
             }
-            sent += 1;
+            match self.waiting.pop_front() {
+                Some(Request::Ack(_)) => {
+                    metrics.acks_sent.fetch_add(1, Relaxed);
+                }
+                Some(Request::Alert(..)) => self.alerts -= 1,
+                _ => {}
+            }
         }
-        self.waiting.drain(..sent);
-        metrics.acks_sent.fetch_add(sent as u64, Relaxed);
     }
 
     fn waiting(&self) -> bool {
         !self.waiting.is_empty()
     }
 
-    /// Forgets the acks of a connection that is gone.
+    /// A new connection: the acks and subscriptions of the old one go (the
+    /// broker redelivers what was not acknowledged); alerts stay.
     fn reset(&mut self) {
-        self.waiting.clear();
+        self.waiting.retain(|r| matches!(r, Request::Alert(..)));
     }
 }
 
@@ -285,20 +291,20 @@ mod tests {
         let client = MqttClient::V4(client);
         let metrics = Metrics::default();
         let mut ledger = AckLedger::new();
-        let mut acks = Acks::default();
+        let mut outbox = Outbox::default();
         for pkid in 1..=5 {
             let id = ledger.register(Some(PendingAck { pkid }));
             ledger.complete(id);
         }
         let mut sent = Vec::new();
         for _ in 0..3 {
-            acks.send(&mut ledger, &client, &metrics);
+            outbox.send(&mut ledger, &client, &metrics);
             sent.push(metrics.acks_sent.load(Relaxed));
             // Empties the request channel, as the event loop's polls would.
             eventloop.clean();
         }
         assert_eq!(sent, [2, 4, 5]);
-        assert!(!acks.waiting());
+        assert!(!outbox.waiting());
         assert_eq!(metrics.acks_sent.load(Relaxed), 5);
     }
 }
