@@ -242,14 +242,12 @@ async fn run_inner(
         background.clone(),
     ));
 
-    // Room for the broker's whole in-flight window: while the shard rings
-    // are full the driver keeps polling the connection (so PINGRESPs and
-    // PUBACKs still flow) and parks what arrives here. The broker sends no
-    // more unacknowledged messages than receive_maximum, so this never
-    // fills with MQTT 5; before, the driver stopped reading after 1,024,
-    // and a PINGRESP queued behind the rest of the window went unread for
-    // a keep-alive: under sustained load the connection dropped every 60 s
-    // and the whole window was redelivered.
+    // Room for the broker's whole in-flight window (MQTT 5 receive_maximum,
+    // at least 1,024): while the shard rings are full the intake takes no
+    // events, and the driver keeps polling the connection (so PINGRESPs and
+    // PUBACKs still flow) as long as what arrives fits here. A PINGRESP
+    // left unread behind the window for a keep-alive drops the connection
+    // and gets the whole window redelivered.
     let (event_tx, event_rx) =
         mpsc::channel(usize::from(config.mqtt.receive_maximum).max(1024) + 16);
     let driver_stop = CancellationToken::new();
