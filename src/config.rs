@@ -54,6 +54,8 @@ pub struct Config {
     pub analytics: crate::analytics::engine::AnalyticsConfig,
     pub anomaly: crate::analytics::anomaly::AnomalyConfig,
     pub http: HttpConfig,
+    pub limits: LimitsConfig,
+    pub retention: RetentionConfig,
     /// `[[rules]]`: alert rules (see `config/rules.example.toml`).
     pub rules: Vec<crate::analytics::rules::RuleConfig>,
 }
@@ -221,6 +223,11 @@ pub struct PipelineConfig {
     pub shutdown_timeout_secs: u64,
     /// Seconds between the periodic summary log lines (0 = none).
     pub summary_interval_secs: u64,
+    /// A writer with work pending that makes no progress (no commit, no
+    /// spool write) for this many seconds fails readiness; one that can
+    /// neither commit nor spool for this long stops the gateway, which exits
+    /// non-zero for its supervisor to restart it (nothing unsaved is acked).
+    pub stall_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -231,6 +238,7 @@ impl Default for PipelineConfig {
             max_future_skew_secs: 600,
             shutdown_timeout_secs: 30,
             summary_interval_secs: 30,
+            stall_secs: 60,
         }
     }
 }
@@ -277,6 +285,101 @@ impl Default for DedupConfig {
         DedupConfig {
             horizon_secs: 86_400,
             max_identities: 1_000_000,
+        }
+    }
+}
+
+/// `[limits]`: what one device may make the gateway hold or store. Every
+/// breach makes the message a dead letter with its own reason (and counter);
+/// the defaults keep every stored key far inside PostgreSQL's index limit
+/// (2,704 bytes a B-tree entry).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest device id (the topic level the filter's `+` matches), in bytes.
+    pub max_device_id_bytes: usize,
+    /// Longest metric name (SenML base name + name), in bytes.
+    pub max_metric_bytes: usize,
+    /// Longest unit, in bytes.
+    pub max_unit_bytes: usize,
+    /// Longest string value (SenML `vs`), in bytes.
+    pub max_string_bytes: usize,
+    /// Longest data value (SenML `vd`, decoded), in bytes.
+    pub max_data_bytes: usize,
+    /// Most readings (SenML records) in one message.
+    pub max_records: usize,
+    /// Most memory the decoded readings of one message may take, in bytes
+    /// (each reading counts about 100 bytes plus its text).
+    pub max_decoded_bytes: usize,
+    /// Most distinct metric names (series) one device may have at a time; a
+    /// message bringing one more is a dead letter (`too_many_series`).
+    /// Idle series are evicted (`analytics.series_idle_secs`).
+    pub max_series_per_device: usize,
+    /// Most series the gateway tracks in all (analytics state is about
+    /// 1 KiB each): when full, the longest-idle series is evicted (its
+    /// final rollup written) to make room.
+    pub max_series: usize,
+    /// Most devices whose native sequence window is kept in memory (about
+    /// 200 bytes each); when full, the longest-idle device is evicted.
+    pub max_dedup_devices: usize,
+    /// Dead letters stored per device and minute; beyond it they are
+    /// counted (`edge_gateway_dead_letters_suppressed_total`) and
+    /// acknowledged, not stored.
+    pub max_dead_letters_per_device_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let decode = crate::decode::Limits::default();
+        LimitsConfig {
+            max_device_id_bytes: 128,
+            max_metric_bytes: decode.max_metric_bytes,
+            max_unit_bytes: decode.max_unit_bytes,
+            max_string_bytes: decode.max_string_bytes,
+            max_data_bytes: decode.max_data_bytes,
+            max_records: decode.max_records,
+            max_decoded_bytes: decode.max_decoded_bytes,
+            max_series_per_device: 1000,
+            max_series: 1_000_000,
+            max_dedup_devices: 1_000_000,
+            max_dead_letters_per_device_minute: 60,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The decoder's share of the limits.
+    pub fn decode(&self) -> crate::decode::Limits {
+        crate::decode::Limits {
+            max_metric_bytes: self.max_metric_bytes,
+            max_unit_bytes: self.max_unit_bytes,
+            max_string_bytes: self.max_string_bytes,
+            max_data_bytes: self.max_data_bytes,
+            max_records: self.max_records,
+            max_decoded_bytes: self.max_decoded_bytes,
+        }
+    }
+}
+
+/// `[retention]`: how long the side tables keep rows (readings follow
+/// `database.retention_days`); 0 keeps them for ever.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days of `dead_letters` kept.
+    pub dead_letters_days: u32,
+    /// Days of `alerts` kept.
+    pub alerts_days: u32,
+    /// Days of `rollups_1m` kept.
+    pub rollups_days: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            dead_letters_days: 7,
+            alerts_days: 90,
+            rollups_days: 90,
         }
     }
 }

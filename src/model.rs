@@ -53,6 +53,9 @@ pub struct Decoded {
     pub readings: Vec<Reading>,
     /// The per-device message sequence, where the format carries one (native).
     pub seq: Option<u64>,
+    /// The boot (session) id the device chose at its last boot, if it sends
+    /// one (native): sequences restart with it.
+    pub boot: Option<u64>,
     /// True when some time was relative to "now" (SenML times below 2^28),
     /// so the same bytes received twice may be two real measurements.
     pub relative_time: bool,
@@ -73,6 +76,109 @@ pub struct Message {
     pub content_type: Option<Arc<str>>,
     /// The broker marked this delivery as a retransmission (DUP flag).
     pub redelivery: bool,
+}
+
+/// Why a message became a dead letter: the `reason` column of
+/// `dead_letters` and the label of `edge_gateway_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Empty,
+    UnknownShape,
+    MalformedJson,
+    MalformedCbor,
+    InvalidSenml,
+    InvalidNative,
+    NotFinite,
+    TimeOutOfRange,
+    TimeSkew,
+    PayloadTooLarge,
+    UnknownTopic,
+    /// The device id (the topic level) is longer than `limits.max_device_id_bytes`.
+    DeviceIdTooLong,
+    /// A device id, metric name, unit or string value holds a NUL or a
+    /// control character.
+    InvalidText,
+    MetricTooLong,
+    UnitTooLong,
+    StringTooLong,
+    DataTooLong,
+    TooManyRecords,
+    DecodedTooLarge,
+    /// The device already has `limits.max_series_per_device` metric names.
+    TooManySeries,
+    RejectedByDatabase,
+}
+
+impl Reason {
+    /// Every reason, in metric order.
+    pub const ALL: [Reason; 21] = [
+        Reason::Empty,
+        Reason::UnknownShape,
+        Reason::MalformedJson,
+        Reason::MalformedCbor,
+        Reason::InvalidSenml,
+        Reason::InvalidNative,
+        Reason::NotFinite,
+        Reason::TimeOutOfRange,
+        Reason::TimeSkew,
+        Reason::PayloadTooLarge,
+        Reason::UnknownTopic,
+        Reason::DeviceIdTooLong,
+        Reason::InvalidText,
+        Reason::MetricTooLong,
+        Reason::UnitTooLong,
+        Reason::StringTooLong,
+        Reason::DataTooLong,
+        Reason::TooManyRecords,
+        Reason::DecodedTooLarge,
+        Reason::TooManySeries,
+        Reason::RejectedByDatabase,
+    ];
+
+    /// The stable label stored and exported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Empty => "empty",
+            Reason::UnknownShape => "unknown_shape",
+            Reason::MalformedJson => "malformed_json",
+            Reason::MalformedCbor => "malformed_cbor",
+            Reason::InvalidSenml => "invalid_senml",
+            Reason::InvalidNative => "invalid_native",
+            Reason::NotFinite => "not_finite",
+            Reason::TimeOutOfRange => "time_out_of_range",
+            Reason::TimeSkew => "time_skew",
+            Reason::PayloadTooLarge => "payload_too_large",
+            Reason::UnknownTopic => "unknown_topic",
+            Reason::DeviceIdTooLong => "device_id_too_long",
+            Reason::InvalidText => "invalid_text",
+            Reason::MetricTooLong => "metric_too_long",
+            Reason::UnitTooLong => "unit_too_long",
+            Reason::StringTooLong => "string_too_long",
+            Reason::DataTooLong => "data_too_long",
+            Reason::TooManyRecords => "too_many_records",
+            Reason::DecodedTooLarge => "decoded_too_large",
+            Reason::TooManySeries => "too_many_series",
+            Reason::RejectedByDatabase => "rejected_by_database",
+        }
+    }
+
+    /// Position in [`Reason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// True for text that may be stored and used as a key: no NUL and no other
+/// control character (PostgreSQL rejects NUL in `text`; control characters
+/// in names only ever make look-alike keys).
+pub fn clean_text(s: &str) -> bool {
+    !s.chars().any(char::is_control)
 }
 
 /// Days since 1970-01-01 to a civil (year, month, day), proleptic Gregorian.
@@ -131,6 +237,13 @@ mod tests {
         for days in -800_000..800_000 {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn reasons_are_in_index_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
         }
     }
 

@@ -86,8 +86,34 @@ async fn maintain(
             &[&horizon],
         )
         .await?;
-    if created > 0 || !dropped.is_empty() {
-        tracing::info!(created, dropped = ?dropped, "partitions maintained");
+    // Sequence windows of devices silent past the horizon: the workers
+    // evict them from memory after the same time.
+    let pruned = client
+        .execute(
+            &format!(
+                "DELETE FROM {s}.device_watermarks WHERE updated_at < now() - $1::text::interval"
+            ),
+            &[&horizon],
+        )
+        .await?;
+    let r = &config.retention;
+    let mut expired = 0;
+    for (table, column, days) in [
+        ("dead_letters", "received_at", r.dead_letters_days),
+        ("alerts", "time", r.alerts_days),
+        ("rollups_1m", "bucket", r.rollups_days),
+    ] {
+        if days > 0 {
+            expired += client
+                .execute(
+                    &format!("DELETE FROM {s}.{table} WHERE {column} < now() - $1::int4 * interval '1 day'"),
+                    &[&(days as i32)],
+                )
+                .await?;
+        }
+    }
+    if created > 0 || !dropped.is_empty() || pruned > 0 || expired > 0 {
+        tracing::info!(created, dropped = ?dropped, watermarks_pruned = pruned, rows_expired = expired, "maintenance done");
     }
     Ok(())
 }
@@ -223,6 +249,10 @@ async fn run_inner(
                 analytics_config.clone(),
                 config.anomaly.clone(),
                 rules.clone(),
+            )
+            .with_limits(
+                config.limits.max_series_per_device,
+                config.limits.max_series.div_ceil(shards),
             ),
             reload.clone(),
         );
@@ -389,22 +419,32 @@ async fn load_dedup(
     spools: &[Spool],
 ) -> Result<Vec<Dedup>, PipelineError> {
     let horizon = config.dedup.horizon_secs as i64 * MICROS_PER_SEC;
+    let max_devices = config.limits.max_dedup_devices.div_ceil(shards);
     let mut dedups: Vec<Dedup> = (0..shards)
-        .map(|_| Dedup::new(config.dedup.max_identities, horizon))
+        .map(|_| Dedup::with_max_devices(config.dedup.max_identities, horizon, max_devices))
         .collect();
     let s = &config.database.schema;
     let client = writer::connect(pg).await?;
     let mut devices = 0usize;
     for row in client
         .query(
-            &format!("SELECT device_id, seq, seen FROM {s}.device_watermarks"),
+            &format!(
+                "SELECT device_id, seq, seen, boot, epoch, newest, \
+                 (extract(epoch FROM updated_at) * 1000000)::int8 FROM {s}.device_watermarks"
+            ),
             &[],
         )
         .await?
     {
         let device: Arc<str> = Arc::from(row.get::<_, &str>(0));
-        let window = SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2));
-        dedups[shard_of(&device, shards)].restore_window(device, window);
+        let window = SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2))
+            .with_state(
+                row.get::<_, Option<i64>>(3).map(|b| b as u64),
+                row.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
+                row.get::<_, i64>(5),
+            );
+        let touched = row.get::<_, i64>(6);
+        dedups[shard_of(&device, shards)].restore_window(device, window, touched);
         devices += 1;
     }
     let mut identities = 0usize;
@@ -428,7 +468,7 @@ async fn load_dedup(
         for batch in spool.pending_batches()? {
             for (device, window) in batch.watermarks {
                 let shard = shard_of(&device, shards);
-                dedups[shard].restore_window(device, window);
+                dedups[shard].restore_window(device, window, batch.oldest_received);
             }
             for m in &batch.messages {
                 if let (Some(id), Some(device)) = (m.identity, &m.device) {

@@ -8,12 +8,16 @@ ALTER TABLE edge.dead_letters OWNER TO edge_owner;
 ALTER TABLE edge.device_watermarks OWNER TO edge_owner;
 ALTER TABLE edge.message_ids OWNER TO edge_owner;
 ALTER TABLE edge.applied_batches OWNER TO edge_owner;
+ALTER TABLE edge.gateway_meta OWNER TO edge_owner;
 
 -- Rows in, and the bookkeeping the gateway keeps up to date.
-GRANT SELECT, INSERT ON edge.alerts, edge.dead_letters TO edge_gateway;
-GRANT SELECT, INSERT, UPDATE ON edge.rollups_1m, edge.device_watermarks TO edge_gateway;
--- Pruned past dedup.horizon_secs by the gateway.
+-- DELETE: the gateway applies [retention] to alerts, dead letters and
+-- rollups, and prunes its bookkeeping past dedup.horizon_secs.
+GRANT SELECT, INSERT, DELETE ON edge.alerts, edge.dead_letters TO edge_gateway;
+GRANT SELECT, INSERT, UPDATE, DELETE ON edge.rollups_1m, edge.device_watermarks TO edge_gateway;
 GRANT SELECT, INSERT, DELETE ON edge.message_ids, edge.applied_batches TO edge_gateway;
+-- The schema version and the instance id spools are checked against.
+GRANT SELECT ON edge.gateway_meta TO edge_gateway;
 
 -- Readers (dashboards, analysts) get their own role.
 CREATE ROLE edge_reader NOLOGIN;

@@ -10,6 +10,8 @@
 -- Known limit: CREATE on the schema (needed for partitions) also lets it
 -- create unrelated tables there.
 CREATE ROLE edge_owner NOLOGIN;
-CREATE ROLE edge_gateway LOGIN PASSWORD 'edge_gateway'; -- change it
+-- No password here: set one out of band (psql: \password edge_gateway) or
+-- authenticate by client certificate; never commit one.
+CREATE ROLE edge_gateway LOGIN;
 CREATE SCHEMA IF NOT EXISTS edge AUTHORIZATION edge_owner;
 GRANT USAGE, CREATE ON SCHEMA edge TO edge_gateway;

@@ -11,6 +11,10 @@
 //! ```
 //! `seq` counts messages per device (it lets the gateway drop redeliveries),
 //! `ts` is milliseconds since the Unix epoch, `m` maps metric names to numbers.
+//! An optional `boot` is a number the device picks at each boot (random, or
+//! a persisted boot counter): the gateway then keys duplicate detection by
+//! (boot, seq), so a counter that restarts after a reboot is never taken for
+//! a redelivery. Without it the gateway infers restarts from the timestamps.
 //! The same shape is used in CBOR with text keys.
 
 use serde::de::{MapAccess, Visitor};
@@ -70,6 +74,8 @@ pub struct NativeSample {
 pub struct NativeMessage {
     pub seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub m: Option<Metrics>,
@@ -83,6 +89,7 @@ impl NativeMessage {
         if let [one] = samples {
             NativeMessage {
                 seq,
+                boot: None,
                 ts: Some(one.ts_ms),
                 m: Some(Metrics(one.metrics.clone())),
                 samples: None,
@@ -90,6 +97,7 @@ impl NativeMessage {
         } else {
             NativeMessage {
                 seq,
+                boot: None,
                 ts: None,
                 m: None,
                 samples: Some(

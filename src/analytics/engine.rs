@@ -36,6 +36,10 @@ pub struct AnalyticsConfig {
     /// Alerts are published (QoS 1, after commit) to this prefix followed
     /// by the device id ("" = none).
     pub alert_topic_prefix: String,
+    /// A series that receives nothing for this many seconds is evicted, its
+    /// final (partial) minute's rollup written; it starts afresh (detector
+    /// warm-up included) if the metric comes back.
+    pub series_idle_secs: u64,
 }
 
 impl Default for AnalyticsConfig {
@@ -48,6 +52,7 @@ impl Default for AnalyticsConfig {
             rollups: true,
             notify_channel: "edge_alerts".into(),
             alert_topic_prefix: "alerts/".into(),
+            series_idle_secs: 3600,
         }
     }
 }
@@ -67,9 +72,28 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// The JSON sent on NOTIFY and MQTT.
+    /// The JSON sent on NOTIFY and MQTT, always under [`MAX_NOTIFY_BYTES`]:
+    /// when the detail would pass it, the detail is left out and
+    /// `"truncated": true` says so (the `alerts` table keeps all of it).
     pub fn to_json(&self) -> String {
-        let mut s = String::with_capacity(160 + self.detail.len());
+        let full = self.json_with(&self.detail);
+        if full.len() <= MAX_NOTIFY_BYTES {
+            return full;
+        }
+        let short = self.json_with("{\"truncated\":true}");
+        if short.len() <= MAX_NOTIFY_BYTES {
+            return short;
+        }
+        // Names are bounded by `[limits]`, so this is a last resort.
+        format!(
+            "{{\"time\":\"{}\",\"state\":\"{}\",\"truncated\":true}}",
+            crate::model::format_rfc3339(self.time),
+            self.state
+        )
+    }
+
+    fn json_with(&self, detail: &str) -> String {
+        let mut s = String::with_capacity(160 + detail.len());
         let _ = write!(
             s,
             "{{\"time\":\"{}\",\"device_id\":{},\"metric\":{},\"rule\":{},\"state\":\"{}\",\"value\":{},\"detail\":{}}}",
@@ -79,11 +103,15 @@ impl Alert {
             json_string(&self.rule),
             self.state,
             self.value.filter(|v| v.is_finite()).map_or("null".to_string(), |v| v.to_string()),
-            self.detail
+            detail
         );
         s
     }
 }
+
+/// Largest alert JSON sent: PostgreSQL's NOTIFY refuses payloads of 8,000
+/// bytes or more.
+pub const MAX_NOTIFY_BYTES: usize = 7_900;
 
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
@@ -261,6 +289,12 @@ pub struct Analytics {
     released: Vec<(Micros, f64)>,
     /// The analytics' memory as of the last tick.
     footprint: Footprint,
+    /// Series held, over all devices.
+    series: usize,
+    max_series: usize,
+    max_series_per_device: usize,
+    /// Series evicted so far (idle, or to stay under `max_series`).
+    pub evicted: u64,
 }
 
 impl Analytics {
@@ -284,7 +318,119 @@ impl Analytics {
             metrics: HashSet::new(),
             released: Vec::new(),
             footprint: Footprint::default(),
+            series: 0,
+            max_series: usize::MAX,
+            max_series_per_device: usize::MAX,
+            evicted: 0,
         }
+    }
+
+    /// Caps the series held: `per_device` for one device (a message that
+    /// would pass it is refused by [`Analytics::admits`]), `total` over all
+    /// (the longest-idle series are evicted to stay under it).
+    pub fn with_limits(mut self, per_device: usize, total: usize) -> Analytics {
+        self.max_series_per_device = per_device.max(1);
+        self.max_series = total.max(1);
+        self
+    }
+
+    /// Series held, over all devices.
+    pub fn series(&self) -> usize {
+        self.series
+    }
+
+    /// False when the numeric `metrics` of one message would give `device`
+    /// more than `limits.max_series_per_device` series.
+    pub fn admits<'m>(&self, device: &str, metrics: impl Iterator<Item = &'m str>) -> bool {
+        if !self.config.enabled {
+            return true;
+        }
+        let Some(state) = self.devices.get(device) else {
+            // Distinct names of a new device: count them, bounded by the cap.
+            let mut seen: Vec<&str> = Vec::new();
+            for m in metrics {
+                if !seen.contains(&m) {
+                    if seen.len() == self.max_series_per_device {
+                        return false;
+                    }
+                    seen.push(m);
+                }
+            }
+            return true;
+        };
+        let mut new: Vec<&str> = Vec::new();
+        for m in metrics {
+            if state
+                .series
+                .binary_search_by(|s| (*s.metric).cmp(m))
+                .is_err()
+                && !new.contains(&m)
+            {
+                if state.series.len() + new.len() == self.max_series_per_device {
+                    return false;
+                }
+                new.push(m);
+            }
+        }
+        true
+    }
+
+    /// Evicts series that received nothing since `cutoff`, and then the
+    /// longest-idle ones while more than `keep` remain; each evicted series
+    /// releases what it held for reordering and emits its last rollup.
+    pub fn evict(&mut self, cutoff: Micros, keep: usize, out: &mut Outputs) {
+        let mut limit = cutoff;
+        if self.series > keep {
+            let mut arrivals: Vec<Micros> = self
+                .devices
+                .values()
+                .flat_map(|d| d.series.iter().map(|s| s.last_arrival))
+                .collect();
+            let cut = self.series - keep;
+            arrivals.select_nth_unstable(cut - 1);
+            limit = limit.max(arrivals[cut - 1].saturating_add(1));
+        }
+        let Analytics {
+            layout,
+            anomaly,
+            rules,
+            devices,
+            released,
+            config,
+            metrics,
+            ..
+        } = self;
+        let ctx = StepContext {
+            layout,
+            anomaly,
+            rules,
+            rollups: config.rollups,
+        };
+        let mut evicted = 0usize;
+        devices.retain(|device, state| {
+            let DeviceState {
+                series, sequences, ..
+            } = state;
+            series.retain_mut(|s| {
+                if s.last_arrival >= limit {
+                    return true;
+                }
+                released.clear();
+                s.reorder.flush(|t, v| released.push((t, v)));
+                run_released(&ctx, s, sequences, device, released, out);
+                let newest = s.windows.newest().unwrap_or(0);
+                out.rollups.extend(s.minute.take(newest, device, &s.metric));
+                evicted += 1;
+                false
+            });
+            !state.series.is_empty() || state.silence.iter().any(|(_, s)| s.is_raised())
+        });
+        if evicted > 0 {
+            // Names no series uses any more.
+            metrics.retain(|m| Arc::strong_count(m) > 1);
+        }
+        self.series -= evicted;
+        self.evicted += evicted as u64;
     }
 
     /// One numeric reading of `metric` from `device` at `t`, received at
@@ -298,6 +444,11 @@ impl Analytics {
         now: Micros,
         out: &mut Outputs,
     ) {
+        if self.series >= self.max_series {
+            // Make room for a tenth at once, so the sort is amortised.
+            let keep = self.max_series - self.max_series.div_ceil(10);
+            self.evict(Micros::MIN, keep, out);
+        }
         let Analytics {
             config,
             layout,
@@ -345,6 +496,7 @@ impl Analytics {
                 state.series.reserve_exact(1);
                 let series = Series::new(layout, anomaly, rules, device, metric);
                 state.series.insert(at, series);
+                self.series += 1;
                 at
             }
         };
@@ -510,6 +662,8 @@ impl Analytics {
     /// went quiet for longer than the lateness.
     pub fn tick(&mut self, now: Micros, out: &mut Outputs) {
         let lateness = self.lateness;
+        let idle = (self.config.series_idle_secs as Micros).saturating_mul(MICROS_PER_SEC);
+        self.evict(now.saturating_sub(idle), self.max_series, out);
         self.footprint = self.release_idle(|last_arrival| now - last_arrival > lateness, out);
         for (device, state) in &mut self.devices {
             for (i, s) in &mut state.silence {

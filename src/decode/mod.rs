@@ -10,7 +10,73 @@
 pub mod native;
 pub mod senml;
 
-use crate::model::{Decoded, Micros};
+use crate::model::{Decoded, Micros, Reason};
+
+/// Bounds on what one payload may decode to, so that a device's bytes cost
+/// a bounded amount of memory and every stored key stays inside
+/// PostgreSQL's index limits. Each breach is its own [`DecodeError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest metric name (SenML base name + name), in bytes.
+    pub max_metric_bytes: usize,
+    /// Longest unit, in bytes.
+    pub max_unit_bytes: usize,
+    /// Longest string value (SenML `vs`), in bytes.
+    pub max_string_bytes: usize,
+    /// Longest data value (SenML `vd`, decoded), in bytes.
+    pub max_data_bytes: usize,
+    /// Most records (SenML) or readings (native) in one message.
+    pub max_records: usize,
+    /// Most bytes the decoded readings of one message may take in memory
+    /// ([`decoded_size`] summed over them).
+    pub max_decoded_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_metric_bytes: 128,
+            max_unit_bytes: 32,
+            max_string_bytes: 1024,
+            max_data_bytes: 1024,
+            max_records: 10_000,
+            max_decoded_bytes: 4 << 20,
+        }
+    }
+}
+
+/// What one reading costs in memory: the struct and the text and bytes it
+/// owns.
+pub fn decoded_size(r: &crate::model::Reading) -> usize {
+    std::mem::size_of::<crate::model::Reading>()
+        + r.metric.len()
+        + r.unit.as_ref().map_or(0, String::len)
+        + match &r.value {
+            crate::model::Value::Text(s) => s.len(),
+            crate::model::Value::Data(d) => d.len(),
+            _ => 0,
+        }
+}
+
+/// A field whose size or content is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Metric,
+    Unit,
+    String,
+    Data,
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Field::Metric => "metric name",
+            Field::Unit => "unit",
+            Field::String => "string value",
+            Field::Data => "data value",
+        })
+    }
+}
 
 /// Why a payload could not be used. Each variant has a stable
 /// [`reason`](DecodeError::reason) used as a metrics label.
@@ -32,22 +98,73 @@ pub enum DecodeError {
     NotFinite { metric: String },
     #[error("time out of range")]
     TimeOutOfRange,
+    #[error("{field} of {len} bytes, limit {limit}")]
+    TooLong {
+        field: Field,
+        len: usize,
+        limit: usize,
+    },
+    #[error("{field} holds a NUL or control character")]
+    InvalidText { field: Field },
+    #[error("more than {limit} records")]
+    TooManyRecords { limit: usize },
+    #[error("decoded readings take more than {limit} bytes")]
+    DecodedTooLarge { limit: usize },
 }
 
 impl DecodeError {
     /// A short, stable label for counters and the dead-letter table.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            DecodeError::Empty => "empty",
-            DecodeError::UnknownShape => "unknown_shape",
-            DecodeError::Json(_) => "malformed_json",
-            DecodeError::Cbor(_) => "malformed_cbor",
-            DecodeError::Senml(_) => "invalid_senml",
-            DecodeError::Native(_) => "invalid_native",
-            DecodeError::NotFinite { .. } => "not_finite",
-            DecodeError::TimeOutOfRange => "time_out_of_range",
+            DecodeError::Empty => Reason::Empty,
+            DecodeError::UnknownShape => Reason::UnknownShape,
+            DecodeError::Json(_) => Reason::MalformedJson,
+            DecodeError::Cbor(_) => Reason::MalformedCbor,
+            DecodeError::Senml(_) => Reason::InvalidSenml,
+            DecodeError::Native(_) => Reason::InvalidNative,
+            DecodeError::NotFinite { .. } => Reason::NotFinite,
+            DecodeError::TimeOutOfRange => Reason::TimeOutOfRange,
+            DecodeError::TooLong { field, .. } => match field {
+                Field::Metric => Reason::MetricTooLong,
+                Field::Unit => Reason::UnitTooLong,
+                Field::String => Reason::StringTooLong,
+                Field::Data => Reason::DataTooLong,
+            },
+            DecodeError::InvalidText { .. } => Reason::InvalidText,
+            DecodeError::TooManyRecords { .. } => Reason::TooManyRecords,
+            DecodeError::DecodedTooLarge { .. } => Reason::DecodedTooLarge,
         }
     }
+}
+
+/// Checks a text field against its size limit and for control characters.
+pub(crate) fn check_text(field: Field, s: &str, limit: usize) -> Result<(), DecodeError> {
+    if s.len() > limit {
+        return Err(DecodeError::TooLong {
+            field,
+            len: s.len(),
+            limit,
+        });
+    }
+    if !crate::model::clean_text(s) {
+        return Err(DecodeError::InvalidText { field });
+    }
+    Ok(())
+}
+
+/// Adds one reading's [`decoded_size`] to `total`, failing past the limit.
+pub(crate) fn account(
+    total: &mut usize,
+    r: &crate::model::Reading,
+    limits: &Limits,
+) -> Result<(), DecodeError> {
+    *total += decoded_size(r);
+    if *total > limits.max_decoded_bytes {
+        return Err(DecodeError::DecodedTooLarge {
+            limit: limits.max_decoded_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// The wire encoding of a payload.
@@ -120,20 +237,34 @@ pub fn sniff<'p>(
     }
 }
 
-/// Decodes a payload received at `received` (used for SenML relative times).
+/// [`decode_limited`] with the default [`Limits`] (replay, benches, tests).
 ///
 /// # Errors
-/// Any [`DecodeError`]: the payload is then unusable as a whole and belongs in
-/// the dead-letter table; no partial result is returned.
+/// As for [`decode_limited`].
 pub fn decode(
     payload: &[u8],
     content_type: Option<&str>,
     received: Micros,
 ) -> Result<Decoded, DecodeError> {
+    decode_limited(payload, content_type, received, &Limits::default())
+}
+
+/// Decodes a payload received at `received` (used for SenML relative times),
+/// within `limits`.
+///
+/// # Errors
+/// Any [`DecodeError`]: the payload is then unusable as a whole and belongs in
+/// the dead-letter table; no partial result is returned.
+pub fn decode_limited(
+    payload: &[u8],
+    content_type: Option<&str>,
+    received: Micros,
+    limits: &Limits,
+) -> Result<Decoded, DecodeError> {
     let (encoding, family, body) = sniff(payload, content_type)?;
     let decoded = match family {
-        Family::Senml => senml::decode(body, encoding, received)?,
-        Family::Native => native::decode(body, encoding)?,
+        Family::Senml => senml::decode(body, encoding, received, limits)?,
+        Family::Native => native::decode(body, encoding, limits)?,
     };
     for reading in &decoded.readings {
         let finite = match reading.value {

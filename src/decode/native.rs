@@ -3,20 +3,17 @@
 
 use edge_payload::native::{Metrics, NativeMessage};
 
-use super::{DecodeError, Encoding};
+use super::{account, check_text, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
-
-/// Longest metric name accepted, in bytes.
-pub const MAX_METRIC_LEN: usize = 256;
 
 /// Decodes a native message.
 ///
 /// # Errors
 /// [`DecodeError::Json`]/[`DecodeError::Cbor`] for syntax and type errors
 /// (unknown fields included), [`DecodeError::Native`] for a message that has
-/// neither or both forms, an empty or oversized metric name, or a timestamp
-/// that does not fit.
-pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
+/// neither or both forms or an empty metric name, [`DecodeError::TimeOutOfRange`]
+/// for a timestamp that does not fit, and the errors of [`Limits`].
+pub fn decode(body: &[u8], encoding: Encoding, limits: &Limits) -> Result<Decoded, DecodeError> {
     let message: NativeMessage = match encoding {
         Encoding::Json => {
             serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?
@@ -39,13 +36,23 @@ pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
     if message.seq > i64::MAX as u64 {
         return Err(DecodeError::Native("seq must be below 2^63".into()));
     }
-    let mut readings = Vec::new();
+    let mut out = Readings {
+        readings: Vec::new(),
+        bytes: 0,
+        limits,
+    };
     match (message.ts, message.m, message.samples) {
-        (Some(ts), Some(m), None) => push_sample(&mut readings, ts, m)?,
+        (Some(ts), Some(m), None) => out.push_sample(ts, m)?,
         (None, None, Some(samples)) => {
-            readings.reserve(samples.iter().map(|s| s.m.0.len()).sum());
+            let records: usize = samples.iter().map(|s| s.m.0.len()).sum();
+            if records > limits.max_records {
+                return Err(DecodeError::TooManyRecords {
+                    limit: limits.max_records,
+                });
+            }
+            out.readings.reserve(records);
             for sample in samples {
-                push_sample(&mut readings, sample.ts, sample.m)?;
+                out.push_sample(sample.ts, sample.m)?;
             }
         }
         _ => {
@@ -55,29 +62,45 @@ pub fn decode(body: &[u8], encoding: Encoding) -> Result<Decoded, DecodeError> {
         }
     }
     Ok(Decoded {
-        readings,
+        readings: out.readings,
         seq: Some(message.seq),
+        boot: message.boot,
         relative_time: false,
     })
 }
 
-fn push_sample(out: &mut Vec<Reading>, ts_ms: i64, metrics: Metrics) -> Result<(), DecodeError> {
-    let time: Micros = ts_ms.checked_mul(1000).ok_or(DecodeError::TimeOutOfRange)?;
-    for (metric, value) in metrics.0 {
-        if metric.is_empty() || metric.len() > MAX_METRIC_LEN {
-            return Err(DecodeError::Native(format!(
-                "metric name must be 1 to {MAX_METRIC_LEN} bytes"
-            )));
+/// Readings being collected, with their size so far.
+struct Readings<'l> {
+    readings: Vec<Reading>,
+    bytes: usize,
+    limits: &'l Limits,
+}
+
+impl Readings<'_> {
+    fn push_sample(&mut self, ts_ms: i64, metrics: Metrics) -> Result<(), DecodeError> {
+        let time: Micros = ts_ms.checked_mul(1000).ok_or(DecodeError::TimeOutOfRange)?;
+        if self.readings.len() + metrics.0.len() > self.limits.max_records {
+            return Err(DecodeError::TooManyRecords {
+                limit: self.limits.max_records,
+            });
         }
-        out.push(Reading {
-            time,
-            metric,
-            value: Value::Number(value),
-            unit: None,
-            sum: None,
-        });
+        for (metric, value) in metrics.0 {
+            if metric.is_empty() {
+                return Err(DecodeError::Native("empty metric name".into()));
+            }
+            check_text(Field::Metric, &metric, self.limits.max_metric_bytes)?;
+            let reading = Reading {
+                time,
+                metric,
+                value: Value::Number(value),
+                unit: None,
+                sum: None,
+            };
+            account(&mut self.bytes, &reading, self.limits)?;
+            self.readings.push(reading);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -110,6 +133,7 @@ mod tests {
                     num(1_700_000_000_123_000, "h", 40.0)
                 ],
                 seq: Some(7),
+                boot: None,
                 relative_time: false,
             })
         );
@@ -146,6 +170,7 @@ mod tests {
             Ok(Decoded {
                 readings: vec![num(1_000_000, "x", 1.5)],
                 seq: Some(1),
+                boot: None,
                 relative_time: false,
             })
         );

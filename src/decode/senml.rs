@@ -17,9 +17,9 @@ use std::fmt;
 use edge_payload::base64url;
 use edge_payload::senml::{label, Record};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::Deserializer;
 
-use super::{seconds_to_micros, DecodeError, Encoding};
+use super::{account, check_text, seconds_to_micros, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
 /// The SenML version this decoder implements (RFC 8428: 10).
@@ -33,49 +33,75 @@ const RELATIVE_LIMIT: f64 = 268_435_456.0;
 /// # Errors
 /// [`DecodeError::Json`]/[`DecodeError::Cbor`] for syntax or type errors,
 /// [`DecodeError::Senml`] for packs that break RFC 8428 rules.
-pub fn decode(body: &[u8], encoding: Encoding, received: Micros) -> Result<Decoded, DecodeError> {
-    let records = parse(body, encoding)?;
-    resolve(&records, received)
+pub fn decode(
+    body: &[u8],
+    encoding: Encoding,
+    received: Micros,
+    limits: &Limits,
+) -> Result<Decoded, DecodeError> {
+    let records = parse(body, encoding, limits.max_records)?;
+    resolve(&records, received, limits)
 }
 
-/// Parses the records of a pack without resolving them.
-pub fn parse(body: &[u8], encoding: Encoding) -> Result<Vec<Record>, DecodeError> {
-    match encoding {
+/// Parses the records of a pack without resolving them; a pack of more
+/// than `max_records` records is refused as soon as the next one starts.
+pub fn parse(
+    body: &[u8],
+    encoding: Encoding,
+    max_records: usize,
+) -> Result<Vec<Record>, DecodeError> {
+    let records = match encoding {
         Encoding::Json => {
-            let Pack(records) = serde_json::from_slice(body).map_err(json_error)?;
-            Ok(records)
+            let mut de = serde_json::Deserializer::from_slice(body);
+            let records = PackSeed { max_records }
+                .deserialize(&mut de)
+                .map_err(|e| json_error(e, max_records))?;
+            de.end().map_err(|e| json_error(e, max_records))?;
+            records
         }
         Encoding::Cbor => {
+            // ciborium takes no seed: the limit reaches the visitor through
+            // this thread's cell for the duration of the call.
             let mut reader = body;
-            let Pack(records) = ciborium::from_reader(&mut reader).map_err(|e| cbor_error(&e))?;
+            CBOR_MAX_RECORDS.set(max_records);
+            let pack = ciborium::from_reader::<CborPack, _>(&mut reader);
+            let records = pack.map_err(|e| cbor_error(&e, max_records))?.0;
             if !reader.is_empty() {
                 return Err(DecodeError::Cbor(format!(
                     "{} trailing bytes after the pack",
                     reader.len()
                 )));
             }
-            Ok(records)
+            records
         }
-    }
+    };
+    Ok(records)
 }
 
 /// A message from our own visitor is a SenML rule; anything else is syntax.
 const SENML_MARK: &str = "senml: ";
+/// The message of our visitor refusing a record past the limit.
+const RECORDS_MARK: &str = "edge-gateway: too many records";
 
-fn json_error(e: serde_json::Error) -> DecodeError {
-    let text = e.to_string();
-    match text.strip_prefix(SENML_MARK) {
-        Some(rule) => DecodeError::Senml(rule.to_string()),
-        None => DecodeError::Json(text),
+/// Our visitor's own errors, told from the syntax errors of the encoding.
+fn own_error(text: &str, max_records: usize) -> Option<DecodeError> {
+    if text.starts_with(RECORDS_MARK) {
+        return Some(DecodeError::TooManyRecords { limit: max_records });
     }
+    text.strip_prefix(SENML_MARK)
+        .map(|rule| DecodeError::Senml(rule.to_string()))
 }
 
-fn cbor_error<T: fmt::Debug>(e: &ciborium::de::Error<T>) -> DecodeError {
+fn json_error(e: serde_json::Error, max_records: usize) -> DecodeError {
+    let text = e.to_string();
+    own_error(&text, max_records).unwrap_or(DecodeError::Json(text))
+}
+
+fn cbor_error<T: fmt::Debug>(e: &ciborium::de::Error<T>, max_records: usize) -> DecodeError {
     match e {
-        ciborium::de::Error::Semantic(_, text) => match text.strip_prefix(SENML_MARK) {
-            Some(rule) => DecodeError::Senml(rule.to_string()),
-            None => DecodeError::Cbor(text.clone()),
-        },
+        ciborium::de::Error::Semantic(_, text) => {
+            own_error(text, max_records).unwrap_or_else(|| DecodeError::Cbor(text.clone()))
+        }
         other => DecodeError::Cbor(format!("{other:?}")),
     }
 }
@@ -84,25 +110,45 @@ fn rule<E: de::Error>(text: impl fmt::Display) -> E {
     E::custom(format_args!("{SENML_MARK}{text}"))
 }
 
-/// A whole pack; deserializes from either encoding.
-struct Pack(Vec<Record>);
+thread_local! {
+    static CBOR_MAX_RECORDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-impl<'de> Deserialize<'de> for Pack {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Pack, D::Error> {
-        d.deserialize_seq(PackVisitor).map(Pack)
+/// A CBOR pack, limited by [`CBOR_MAX_RECORDS`].
+struct CborPack(Vec<Record>);
+
+impl<'de> serde::Deserialize<'de> for CborPack {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CborPack, D::Error> {
+        let max_records = CBOR_MAX_RECORDS.get();
+        PackSeed { max_records }.deserialize(d).map(CborPack)
     }
 }
 
-struct PackVisitor;
+/// A whole pack of at most `max_records` records; deserializes from either
+/// encoding.
+struct PackSeed {
+    max_records: usize,
+}
 
-impl<'de> Visitor<'de> for PackVisitor {
+impl<'de> DeserializeSeed<'de> for PackSeed {
+    type Value = Vec<Record>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Record>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PackSeed {
     type Value = Vec<Record>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a SenML pack (array of records)")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Record>, A::Error> {
-        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(8).min(4096));
+        let hint = seq.size_hint().unwrap_or(8).min(4096).min(self.max_records);
+        let mut records = Vec::with_capacity(hint);
         while let Some(record) = seq.next_element_seed(RecordSeed)? {
+            if records.len() == self.max_records {
+                return Err(de::Error::custom(RECORDS_MARK));
+            }
             records.push(record);
         }
         Ok(records)
@@ -306,11 +352,18 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b':' | b'.' | b'/' | b'_'))
 }
 
-/// Applies base values and relative times (RFC 8428 4.6).
+/// Applies base values and relative times (RFC 8428 4.6), within `limits`.
+/// Sizes are checked before anything is built: a long base name is never
+/// copied into the records it applies to.
 ///
 /// # Errors
-/// [`DecodeError::Senml`] naming the record (0-based) and the rule it breaks.
-pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeError> {
+/// [`DecodeError::Senml`] naming the record (0-based) and the rule it breaks;
+/// the size and text errors of [`Limits`].
+pub fn resolve(
+    records: &[Record],
+    received: Micros,
+    limits: &Limits,
+) -> Result<Decoded, DecodeError> {
     let mut bn: &str = "";
     let mut bt = 0.0;
     let mut bu: Option<&str> = None;
@@ -319,6 +372,7 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
     let mut version: Option<u64> = None;
     let mut readings = Vec::with_capacity(records.len());
     let mut relative_time = false;
+    let mut decoded_bytes = 0usize;
     let fail = |i: usize, what: String| Err(DecodeError::Senml(format!("record {i}: {what}")));
     for (i, r) in records.iter().enumerate() {
         if let Some(v) = r.bver {
@@ -356,6 +410,18 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
             (None, None) => None,
             (base, own) => Some(base.unwrap_or(0.0) + own.unwrap_or(0.0)),
         };
+        if let Some(s) = &r.vs {
+            check_text(Field::String, s, limits.max_string_bytes)?;
+        }
+        if let Some(d) = &r.vd {
+            if d.len() > limits.max_data_bytes {
+                return Err(DecodeError::TooLong {
+                    field: Field::Data,
+                    len: d.len(),
+                    limit: limits.max_data_bytes,
+                });
+            }
+        }
         let value = if let Some(v) = r.v {
             Value::Number(bv + v)
         } else if let Some(s) = &r.vs {
@@ -372,6 +438,18 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
         } else {
             return fail(i, "no value and no sum".into());
         };
+        let name_len = bn.len() + r.n.as_ref().map_or(0, String::len);
+        if name_len > limits.max_metric_bytes {
+            return Err(DecodeError::TooLong {
+                field: Field::Metric,
+                len: name_len,
+                limit: limits.max_metric_bytes,
+            });
+        }
+        let unit = r.u.as_deref().or(bu);
+        if let Some(unit) = unit {
+            check_text(Field::Unit, unit, limits.max_unit_bytes)?;
+        }
         let name = match &r.n {
             Some(n) => format!("{bn}{n}"),
             None => bn.to_string(),
@@ -386,17 +464,20 @@ pub fn resolve(records: &[Record], received: Micros) -> Result<Decoded, DecodeEr
         } else {
             seconds_to_micros(seconds)?
         };
-        readings.push(Reading {
+        let reading = Reading {
             time,
             metric: name,
             value,
-            unit: r.u.as_deref().or(bu).map(str::to_string),
+            unit: unit.map(str::to_string),
             sum,
-        });
+        };
+        account(&mut decoded_bytes, &reading, limits)?;
+        readings.push(reading);
     }
     Ok(Decoded {
         readings,
         seq: None,
+        boot: None,
         relative_time,
     })
 }

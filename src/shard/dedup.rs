@@ -7,7 +7,16 @@
 //!   (native): the highest sequence seen and a bitmap of the [`WINDOW`]
 //!   sequences below it. A sequence above the high mark or an unseen one
 //!   inside the window is new (so moderately out-of-order delivery is
-//!   accepted); a seen one, or one older than the window, is a duplicate.
+//!   accepted); a seen one, or one older than the window, is a duplicate,
+//!   unless the device restarted:
+//! - **Restarts.** Devices reboot and most do not persist their counter. A
+//!   device that sends a boot id (native `boot`) starts a new window with
+//!   each new boot id. Without one, a sequence the window refuses whose
+//!   readings are newer than any the device sent before cannot be a repeat
+//!   (a repeat carries the same timestamps): it is a restart, and starts a
+//!   new window. Each new window has the next epoch, so the stored window
+//!   moves forward even though the sequence went back. Only true repeats are
+//!   dropped.
 //! - **Message identity** for payloads without one (SenML): a 128-bit hash
 //!   of device and payload, remembered over a bounded horizon. A pack whose
 //!   times are relative to "now" is only checked when the broker marks it a
@@ -21,18 +30,24 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::model::Micros;
+use crate::model::{Decoded, Micros};
 
 /// Sequences tracked below the highest one seen.
 pub const WINDOW: u64 = 1024;
 const WORDS: usize = (WINDOW / 64) as usize;
 
-/// The sequences of one device seen recently.
+/// The sequences of one device seen recently, in its current boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqWindow {
     high: u64,
     /// Bit `d` set: sequence `high - d` was seen.
     bits: [u64; WORDS],
+    /// The device's boot id, when it sends one.
+    boot: Option<u64>,
+    /// Restarts seen so far (the window of a later epoch wins).
+    epoch: u32,
+    /// Newest reading time among the accepted messages.
+    newest: Micros,
 }
 
 impl SeqWindow {
@@ -40,12 +55,42 @@ impl SeqWindow {
     pub fn starting_at(seq: u64) -> SeqWindow {
         let mut bits = [0; WORDS];
         bits[0] = 1;
-        SeqWindow { high: seq, bits }
+        SeqWindow {
+            high: seq,
+            bits,
+            boot: None,
+            epoch: 0,
+            newest: Micros::MIN,
+        }
     }
 
     /// The highest sequence seen.
     pub fn high(&self) -> u64 {
         self.high
+    }
+
+    /// The boot id of the current window, if the device sends one.
+    pub fn boot(&self) -> Option<u64> {
+        self.boot
+    }
+
+    /// How many restarts came before this window.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Newest reading time accepted in this window.
+    pub fn newest(&self) -> Micros {
+        self.newest
+    }
+
+    /// The same window with its boot id, epoch and newest reading time set
+    /// (as stored in `device_watermarks` or the spool).
+    pub fn with_state(mut self, boot: Option<u64>, epoch: u32, newest: Micros) -> SeqWindow {
+        self.boot = boot;
+        self.epoch = epoch;
+        self.newest = newest;
+        self
     }
 
     fn get(&self, d: u64) -> bool {
@@ -166,11 +211,24 @@ impl IdentitySet {
     }
 }
 
+/// A device's window and when the device last sent.
+#[derive(Debug)]
+struct Device {
+    window: SeqWindow,
+    touched: Micros,
+    /// A restart of this device was logged already.
+    logged: bool,
+}
+
 /// A worker's dedup state for all its devices.
 #[derive(Debug, Default)]
 pub struct Dedup {
-    windows: HashMap<Arc<str>, SeqWindow>,
+    devices: HashMap<Arc<str>, Device>,
     identities: IdentitySet,
+    horizon: Micros,
+    max_devices: usize,
+    /// Windows evicted so far (idle or over the cap).
+    pub evicted: u64,
 }
 
 /// What the dedup check decided for one message.
@@ -179,22 +237,74 @@ pub enum Verdict {
     /// New: store it, with the state to persist in the same transaction.
     New {
         window: Option<SeqWindow>,
-        identity: Option<u128>,
+        /// The identity to record, and whether the bytes may repeat as a
+        /// new message (a pack with times relative to "now").
+        identity: Option<(u128, bool)>,
+        /// The device restarted its sequence with this message.
+        restart: bool,
     },
     Duplicate,
 }
 
 impl Dedup {
+    /// Identities are remembered up to `max_identities` and `horizon`;
+    /// sequence windows of devices silent longer than `horizon` are evicted
+    /// (their state is in `device_watermarks` until it is pruned past the
+    /// same horizon), and at most `max_devices` windows are kept.
     pub fn new(max_identities: usize, horizon: Micros) -> Dedup {
+        Dedup::with_max_devices(max_identities, horizon, usize::MAX)
+    }
+
+    /// [`Dedup::new`] with a cap on the windows kept.
+    pub fn with_max_devices(max_identities: usize, horizon: Micros, max_devices: usize) -> Dedup {
         Dedup {
-            windows: HashMap::new(),
+            devices: HashMap::new(),
             identities: IdentitySet::new(max_identities, horizon),
+            horizon,
+            max_devices: max_devices.max(1),
+            evicted: 0,
         }
     }
 
-    /// Seeds state loaded from the database.
-    pub fn restore_window(&mut self, device: Arc<str>, window: SeqWindow) {
-        self.windows.insert(device, window);
+    /// Seeds state loaded from the database (or the spool), last used at `at`.
+    pub fn restore_window(&mut self, device: Arc<str>, window: SeqWindow, at: Micros) {
+        self.devices.insert(
+            device,
+            Device {
+                window,
+                touched: at,
+                logged: false,
+            },
+        );
+    }
+
+    /// Windows held.
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Evicts the windows of devices silent for longer than the horizon,
+    /// then the longest-silent ones while more than `keep` remain.
+    pub fn evict(&mut self, now: Micros, keep: usize) {
+        let before = self.devices.len();
+        let cutoff = now.saturating_sub(self.horizon);
+        self.devices.retain(|_, d| d.touched >= cutoff);
+        if self.devices.len() > keep {
+            let mut times: Vec<Micros> = self.devices.values().map(|d| d.touched).collect();
+            let cut = self.devices.len() - keep;
+            times.select_nth_unstable(cut - 1);
+            let limit = times[cut - 1];
+            let mut to_remove = cut;
+            self.devices.retain(|_, d| {
+                if to_remove > 0 && d.touched <= limit {
+                    to_remove -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.evicted += (before - self.devices.len()) as u64;
     }
 
     /// Seeds an identity loaded from the database.
@@ -202,48 +312,102 @@ impl Dedup {
         self.identities.insert(id, at);
     }
 
-    /// Decides whether a message is new and records it.
+    /// Decides whether a message of `device` is new and records it; `at` is
+    /// its receive time.
     pub fn check(
         &mut self,
         device: &Arc<str>,
-        seq: Option<u64>,
+        decoded: &Decoded,
         payload: &[u8],
-        relative_time: bool,
         redelivery: bool,
         at: Micros,
     ) -> Verdict {
-        if let Some(seq) = seq {
-            let new = match self.windows.get_mut(device) {
-                Some(w) => w.accept(seq),
-                None => {
-                    self.windows
-                        .insert(device.clone(), SeqWindow::starting_at(seq));
-                    true
-                }
-            };
-            return if new {
-                Verdict::New {
-                    window: self.windows.get(device).cloned(),
-                    identity: None,
-                }
-            } else {
-                Verdict::Duplicate
-            };
-        }
-        if relative_time && !redelivery {
-            return Verdict::New {
-                window: None,
-                identity: None,
-            };
+        if let Some(seq) = decoded.seq {
+            let newest = decoded
+                .readings
+                .iter()
+                .map(|r| r.time)
+                .max()
+                .unwrap_or(Micros::MIN);
+            return self.check_seq(device, seq, decoded.boot, newest, at);
         }
         let id = identity(device, payload);
+        if decoded.relative_time && !redelivery {
+            // Equal bytes may be a new measurement: record, never drop.
+            self.identities.insert(id, at);
+            return Verdict::New {
+                window: None,
+                identity: Some((id, true)),
+                restart: false,
+            };
+        }
         if self.identities.insert(id, at) {
             Verdict::New {
                 window: None,
-                identity: Some(id),
+                identity: Some((id, decoded.relative_time)),
+                restart: false,
             }
         } else {
             Verdict::Duplicate
+        }
+    }
+
+    fn check_seq(
+        &mut self,
+        device: &Arc<str>,
+        seq: u64,
+        boot: Option<u64>,
+        newest: Micros,
+        at: Micros,
+    ) -> Verdict {
+        let Some(d) = self.devices.get_mut(device) else {
+            if self.devices.len() >= self.max_devices {
+                // Make room for a tenth at once, so the sort is amortised.
+                let keep = self.max_devices - self.max_devices.div_ceil(10);
+                self.evict(at, keep);
+            }
+            let window = SeqWindow::starting_at(seq).with_state(boot, 0, newest);
+            self.devices.insert(
+                device.clone(),
+                Device {
+                    window: window.clone(),
+                    touched: at,
+                    logged: false,
+                },
+            );
+            return Verdict::New {
+                window: Some(window),
+                identity: None,
+                restart: false,
+            };
+        };
+        d.touched = at;
+        let w = &mut d.window;
+        let new_boot = boot.is_some() && boot != w.boot;
+        let restart = if new_boot {
+            true
+        } else if w.accept(seq) {
+            w.newest = w.newest.max(newest);
+            false
+        } else if newest > w.newest {
+            // Refused by the window, yet newer than anything before: a
+            // counter that started again, not a repeat.
+            true
+        } else {
+            return Verdict::Duplicate;
+        };
+        if restart {
+            let epoch = w.epoch.saturating_add(1);
+            *w = SeqWindow::starting_at(seq).with_state(boot, epoch, newest);
+            if !d.logged {
+                d.logged = true;
+                tracing::info!(device = %device, seq, boot, epoch, "device restarted its message sequence");
+            }
+        }
+        Verdict::New {
+            window: Some(d.window.clone()),
+            identity: None,
+            restart,
         }
     }
 }
@@ -315,43 +479,169 @@ mod tests {
         assert_eq!(set.len(), 1, "older than the horizon evicted");
     }
 
+    fn decoded(seq: Option<u64>, boot: Option<u64>, time: Micros, relative: bool) -> Decoded {
+        Decoded {
+            readings: vec![crate::model::Reading {
+                time,
+                metric: "m".into(),
+                value: crate::model::Value::Number(1.0),
+                unit: None,
+                sum: None,
+            }],
+            seq,
+            boot,
+            relative_time: relative,
+        }
+    }
+
+    fn is_new(v: &Verdict) -> bool {
+        matches!(v, Verdict::New { .. })
+    }
+
     #[test]
-    fn relative_packs_are_checked_only_on_redelivery() {
+    fn relative_packs_are_recorded_and_dropped_only_on_redelivery() {
         let mut d = Dedup::new(100, 1_000_000);
         let dev: Arc<str> = Arc::from("d");
         let p = br#"[{"n":"door","vb":true}]"#;
+        let rel = decoded(None, None, 0, true);
         assert!(matches!(
-            d.check(&dev, None, p, true, false, 0),
-            Verdict::New { identity: None, .. }
-        ));
-        assert!(matches!(
-            d.check(&dev, None, p, true, false, 1),
-            Verdict::New { identity: None, .. }
-        ));
-        let abs = br#"[{"n":"t","v":1,"t":1700000000}]"#;
-        assert!(matches!(
-            d.check(&dev, None, abs, false, false, 2),
+            d.check(&dev, &rel, p, false, 0),
             Verdict::New {
-                identity: Some(_),
+                identity: Some((_, true)),
                 ..
             }
         ));
-        assert_eq!(d.check(&dev, None, abs, false, true, 3), Verdict::Duplicate);
-        let other: Arc<str> = Arc::from("e");
+        // The same bytes again, not a redelivery: a new measurement.
+        assert!(is_new(&d.check(&dev, &rel, p, false, 1)));
+        // Redelivered: its identity was recorded the first time.
+        assert_eq!(d.check(&dev, &rel, p, true, 2), Verdict::Duplicate);
+        let abs = br#"[{"n":"t","v":1,"t":1700000000}]"#;
+        let absolute = decoded(None, None, 0, false);
         assert!(matches!(
-            d.check(&other, None, abs, false, false, 4),
-            Verdict::New { .. }
+            d.check(&dev, &absolute, abs, false, 2),
+            Verdict::New {
+                identity: Some((_, false)),
+                ..
+            }
         ));
+        assert_eq!(d.check(&dev, &absolute, abs, false, 3), Verdict::Duplicate);
+        let other: Arc<str> = Arc::from("e");
+        assert!(is_new(&d.check(&other, &absolute, abs, false, 4)));
+        let native = decoded(Some(1), None, 10, false);
         assert!(matches!(
-            d.check(&dev, Some(1), b"", false, false, 5),
+            d.check(&dev, &native, b"", false, 5),
             Verdict::New {
                 window: Some(_),
                 ..
             }
         ));
+        assert_eq!(d.check(&dev, &native, b"", false, 6), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_restarted_counter_with_newer_readings_is_a_restart_not_a_duplicate() {
+        let mut d = Dedup::new(100, i64::MAX / 4);
+        let dev: Arc<str> = Arc::from("d");
+        for seq in 1..=1500 {
+            assert!(is_new(&d.check(
+                &dev,
+                &decoded(Some(seq), None, seq as i64 * 10, false),
+                b"",
+                false,
+                0
+            )));
+        }
+        // A true repeat (same timestamps) is still a duplicate...
         assert_eq!(
-            d.check(&dev, Some(1), b"", false, false, 6),
+            d.check(&dev, &decoded(Some(3), None, 30, false), b"", false, 0),
             Verdict::Duplicate
         );
+        assert_eq!(
+            d.check(
+                &dev,
+                &decoded(Some(1400), None, 14_000, false),
+                b"",
+                false,
+                0
+            ),
+            Verdict::Duplicate
+        );
+        // ...while the counter starting again with newer readings is not.
+        let first = d.check(&dev, &decoded(Some(1), None, 20_000, false), b"", false, 0);
+        assert!(
+            matches!(first, Verdict::New { restart: true, window: Some(ref w), .. } if w.epoch() == 1)
+        );
+        for seq in 2..=200 {
+            let v = d.check(
+                &dev,
+                &decoded(Some(seq), None, 20_000 + seq as i64, false),
+                b"",
+                false,
+                0,
+            );
+            assert!(
+                matches!(v, Verdict::New { restart: false, .. }),
+                "seq {seq}"
+            );
+        }
+        // And a redelivery of the new boot's messages is a duplicate.
+        assert_eq!(
+            d.check(
+                &dev,
+                &decoded(Some(150), None, 20_150, false),
+                b"",
+                false,
+                0
+            ),
+            Verdict::Duplicate
+        );
+    }
+
+    #[test]
+    fn a_new_boot_id_starts_a_new_window() {
+        let mut d = Dedup::new(100, i64::MAX / 4);
+        let dev: Arc<str> = Arc::from("d");
+        for seq in 1..=10 {
+            assert!(is_new(&d.check(
+                &dev,
+                &decoded(Some(seq), Some(7), 100, false),
+                b"",
+                false,
+                0
+            )));
+        }
+        // Same timestamps even (a device without a clock): the boot id says.
+        let v = d.check(&dev, &decoded(Some(1), Some(8), 100, false), b"", false, 0);
+        assert!(matches!(v, Verdict::New { restart: true, .. }));
+        assert_eq!(
+            d.check(&dev, &decoded(Some(1), Some(8), 100, false), b"", false, 0),
+            Verdict::Duplicate
+        );
+        assert!(is_new(&d.check(
+            &dev,
+            &decoded(Some(2), Some(8), 100, false),
+            b"",
+            false,
+            0
+        )));
+    }
+
+    #[test]
+    fn idle_and_surplus_windows_are_evicted() {
+        let mut d = Dedup::with_max_devices(100, 1_000, 10);
+        for i in 0..25 {
+            let dev: Arc<str> = Arc::from(format!("d{i}").as_str());
+            assert!(is_new(&d.check(
+                &dev,
+                &decoded(Some(1), None, 0, false),
+                b"",
+                false,
+                i
+            )));
+            assert!(d.devices() <= 10);
+        }
+        d.evict(10_000, usize::MAX);
+        assert_eq!(d.devices(), 0, "all idle past the horizon");
+        assert!(d.evicted >= 25);
     }
 }

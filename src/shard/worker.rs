@@ -15,8 +15,8 @@ use super::dedup::{Dedup, Verdict};
 use super::Shard;
 use crate::analytics::engine::{Analytics, Footprint, Outputs};
 use crate::analytics::rules::RuleConfig;
-use crate::decode::decode;
-use crate::model::{Message, Micros, MICROS_PER_SEC};
+use crate::decode::decode_limited;
+use crate::model::{Message, Micros, Reason, MICROS_PER_SEC};
 use crate::sink::batch::BatchId;
 use crate::sink::partitions::Partitions;
 use crate::sink::{Batch, SealedBatch};
@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     pub max_future: Micros,
     /// Readings earlier than receive time - this are rejected.
     pub max_past: Micros,
+    pub max_device_id_bytes: usize,
+    pub limits: crate::decode::Limits,
+    pub max_dead_letters_per_device_minute: u32,
+    pub max_series_per_device: usize,
 }
 
 impl WorkerConfig {
@@ -43,6 +47,10 @@ impl WorkerConfig {
             max_payload_bytes: config.mqtt.max_payload_bytes,
             max_future: config.pipeline.max_future_skew_secs as i64 * MICROS_PER_SEC,
             max_past: i64::from(config.database.retention_days) * crate::model::MICROS_PER_DAY,
+            max_device_id_bytes: config.limits.max_device_id_bytes,
+            limits: config.limits.decode(),
+            max_dead_letters_per_device_minute: config.limits.max_dead_letters_per_device_minute,
+            max_series_per_device: config.limits.max_series_per_device,
         }
     }
 }
@@ -97,6 +105,38 @@ pub struct Worker {
     deadline: Option<Instant>,
     /// Analytics memory last added to the shared gauges.
     reported: Footprint,
+    /// Evictions (dedup windows, series) last added to the counters.
+    reported_evictions: (u64, u64),
+    /// Dead letters stored per device in the current minute.
+    dead_letters: DeadLetterBudget,
+}
+
+/// Dead letters per device and minute, so one device sending garbage at
+/// full rate fills neither the table nor the disk: beyond the budget they
+/// are counted and acknowledged, not stored.
+#[derive(Debug, Default)]
+struct DeadLetterBudget {
+    minute: i64,
+    per_device: std::collections::HashMap<Arc<str>, u32>,
+    max: u32,
+}
+
+impl DeadLetterBudget {
+    /// True when `device` may store one more dead letter this minute.
+    fn take(&mut self, device: Option<&Arc<str>>, now: Micros) -> bool {
+        let minute = now.div_euclid(60 * MICROS_PER_SEC);
+        if minute != self.minute {
+            self.minute = minute;
+            self.per_device.clear();
+        }
+        let key = device.cloned().unwrap_or_else(|| Arc::from(""));
+        let used = self.per_device.entry(key).or_insert(0);
+        if *used >= self.max {
+            return false;
+        }
+        *used += 1;
+        true
+    }
 }
 
 impl Worker {
@@ -110,6 +150,10 @@ impl Worker {
         ids: Arc<BatchIds>,
     ) -> Worker {
         let batch = Batch::new(config.batch_rows);
+        let dead_letters = DeadLetterBudget {
+            max: config.max_dead_letters_per_device_minute,
+            ..DeadLetterBudget::default()
+        };
         Worker {
             shard,
             config,
@@ -120,6 +164,8 @@ impl Worker {
             ids,
             analytics: None,
             reported: Footprint::default(),
+            reported_evictions: (0, 0),
+            dead_letters,
             rules: None,
             outputs: Outputs::default(),
             batch,
@@ -151,11 +197,26 @@ impl Worker {
         }
     }
 
-    /// Clock tick: a reloaded rule set, then time-based rules (silence).
+    /// Clock tick: a reloaded rule set, then time-based rules (silence),
+    /// idle series and dedup windows evicted.
     fn on_tick(&mut self) {
         self.reload_rules();
+        let now = crate::model::now_micros();
+        self.dedup.evict(now, usize::MAX);
+        let evictions = (
+            self.dedup.evicted,
+            self.analytics.as_ref().map_or(0, |a| a.evicted),
+        );
+        let was = std::mem::replace(&mut self.reported_evictions, evictions);
+        self.metrics
+            .dedup_evictions
+            .fetch_add(evictions.0 - was.0, Relaxed);
         if let Some(analytics) = &mut self.analytics {
-            analytics.tick(crate::model::now_micros(), &mut self.outputs);
+            analytics.tick(now, &mut self.outputs);
+            self.metrics
+                .series_evicted
+                .fetch_add(analytics.evicted - was.1, Relaxed);
+            self.reported_evictions.1 = analytics.evicted;
             let now = analytics.memory();
             // Each worker adds the change in its own share.
             let m = &self.metrics;
@@ -255,17 +316,26 @@ impl Worker {
         }
         let (decoded, device) = match self.check(&message) {
             Ok(ok) => ok,
-            Err((reason, error)) => {
-                self.metrics.dead_letter(reason);
-                self.batch.push_dead_letter(&message, reason, &error);
-                return;
-            }
+            Err((reason, error)) => return self.dead_letter(&message, reason, &error),
         };
+        if let Some(analytics) = &self.analytics {
+            let numeric = decoded
+                .readings
+                .iter()
+                .filter(|r| matches!(r.value, crate::model::Value::Number(_)))
+                .map(|r| r.metric.as_str());
+            if !analytics.admits(&device, numeric) {
+                let error = format!(
+                    "the device would pass {} series (limits.max_series_per_device)",
+                    self.config.max_series_per_device
+                );
+                return self.dead_letter(&message, Reason::TooManySeries, &error);
+            }
+        }
         let verdict = self.dedup.check(
             &device,
-            decoded.seq,
+            &decoded,
             &message.payload,
-            decoded.relative_time,
             message.redelivery,
             message.received,
         );
@@ -274,7 +344,14 @@ impl Worker {
                 self.metrics.duplicates.fetch_add(1, Relaxed);
                 self.batch.push_dropped(&message);
             }
-            Verdict::New { window, identity } => {
+            Verdict::New {
+                window,
+                identity,
+                restart,
+            } => {
+                if restart {
+                    self.metrics.device_restarts.fetch_add(1, Relaxed);
+                }
                 self.metrics
                     .readings_decoded
                     .fetch_add(decoded.readings.len() as u64, Relaxed);
@@ -304,19 +381,49 @@ impl Worker {
         }
     }
 
+    /// Counts a dead letter and stores it, within the device's budget.
+    fn dead_letter(&mut self, message: &Message, reason: Reason, error: &str) {
+        self.metrics.dead_letter(reason);
+        if self
+            .dead_letters
+            .take(message.device.as_ref(), message.received)
+        {
+            self.batch.push_dead_letter(message, reason, error);
+        } else {
+            self.metrics.dead_letters_suppressed.fetch_add(1, Relaxed);
+            self.batch.push_dropped(message);
+        }
+    }
+
     fn check(
         &self,
         message: &Message,
-    ) -> Result<(crate::model::Decoded, Arc<str>), (&'static str, String)> {
+    ) -> Result<(crate::model::Decoded, Arc<str>), (Reason, String)> {
         let Some(device) = message.device.clone() else {
             return Err((
-                "unknown_topic",
+                Reason::UnknownTopic,
                 format!("topic {:?} matches no configured filter", message.topic),
             ));
         };
+        if device.len() > self.config.max_device_id_bytes {
+            return Err((
+                Reason::DeviceIdTooLong,
+                format!(
+                    "device id of {} bytes, limit {}",
+                    device.len(),
+                    self.config.max_device_id_bytes
+                ),
+            ));
+        }
+        if !crate::model::clean_text(&device) {
+            return Err((
+                Reason::InvalidText,
+                "device id holds a NUL or control character".into(),
+            ));
+        }
         if message.payload.len() > self.config.max_payload_bytes {
             return Err((
-                "payload_too_large",
+                Reason::PayloadTooLarge,
                 format!(
                     "{} bytes, limit {}",
                     message.payload.len(),
@@ -324,10 +431,11 @@ impl Worker {
                 ),
             ));
         }
-        let decoded = decode(
+        let decoded = decode_limited(
             &message.payload,
             message.content_type.as_deref(),
             message.received,
+            &self.config.limits,
         )
         .map_err(|e| (e.reason(), e.to_string()))?;
         let earliest = message.received - self.config.max_past;
@@ -338,7 +446,7 @@ impl Worker {
             .find(|r| r.time < earliest || r.time > latest)
         {
             return Err((
-                "time_skew",
+                Reason::TimeSkew,
                 format!(
                     "reading {:?} at {} is outside [{}, {}]",
                     r.metric,

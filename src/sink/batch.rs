@@ -16,7 +16,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::copy::{RowBuffer, HEADER};
 use super::partitions::Partitions;
-use crate::model::{Micros, Reading, Value};
+use crate::model::{Micros, Reading, Reason, Value};
 use crate::shard::dedup::SeqWindow;
 
 /// Columns of `readings` in COPY order.
@@ -48,6 +48,10 @@ pub struct MessageEntry {
     pub newest: Micros,
     /// Identity to record in `message_ids` (payloads without a sequence).
     pub identity: Option<u128>,
+    /// The identity is recorded but never drops the message: a SenML pack
+    /// with times relative to "now" may repeat its bytes as a new
+    /// measurement (only a redelivery of it is a duplicate).
+    pub repeat_ok: bool,
 }
 
 /// A batch being filled by one shard worker.
@@ -154,6 +158,7 @@ impl Batch {
             row_count: 0,
             newest: 0,
             identity: None,
+            repeat_ok: false,
         }
     }
 
@@ -172,7 +177,7 @@ impl Batch {
         readings: &[Reading],
         partitions: &Partitions,
         window: Option<SeqWindow>,
-        identity: Option<u128>,
+        identity: Option<(u128, bool)>,
     ) {
         let mut entry = self.entry(message);
         let device = message.device.as_deref().unwrap_or("");
@@ -187,7 +192,8 @@ impl Batch {
         entry.rows = start..self.readings.len();
         entry.row_count = readings.len() as u32;
         entry.newest = readings.iter().map(|r| r.time).max().unwrap_or(0);
-        entry.identity = identity;
+        entry.identity = identity.map(|(id, _)| id);
+        entry.repeat_ok = identity.is_some_and(|(_, repeat_ok)| repeat_ok);
         if let (Some(window), Some(device)) = (window, &message.device) {
             match self.watermarks.iter_mut().find(|(d, _)| d == device) {
                 Some(slot) => slot.1 = window,
@@ -198,7 +204,12 @@ impl Batch {
     }
 
     /// Adds a message as one `dead_letters` row.
-    pub fn push_dead_letter(&mut self, message: &crate::model::Message, reason: &str, error: &str) {
+    pub fn push_dead_letter(
+        &mut self,
+        message: &crate::model::Message,
+        reason: Reason,
+        error: &str,
+    ) {
         let entry = self.entry(message);
         encode_dead_letter(
             &mut self.dead_letters,
@@ -268,6 +279,23 @@ pub fn encode_readings(
     }
 }
 
+/// Longest topic, device id or error text stored in a dead letter, in
+/// bytes; longer ones are cut (the payload is stored whole). Dead letters
+/// have no index, so nothing a device sends can make their COPY fail.
+const DEAD_LETTER_TEXT_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Encodes one `dead_letters` row.
 pub fn encode_dead_letter(
     out: &mut RowBuffer,
@@ -275,16 +303,17 @@ pub fn encode_dead_letter(
     topic: &str,
     device: Option<&str>,
     payload: &[u8],
-    reason: &str,
+    reason: Reason,
     error: &str,
 ) {
+    let cut = |s| truncate(s, DEAD_LETTER_TEXT_BYTES);
     out.row(6)
         .timestamptz(received)
-        .text(topic)
-        .opt_text(device)
+        .text(cut(topic))
+        .opt_text(device.map(cut))
         .bytea(payload)
-        .text(reason)
-        .text(error);
+        .text(reason.as_str())
+        .text(cut(error));
 }
 
 impl SealedBatch {
@@ -348,12 +377,22 @@ impl SealedBatch {
                 }
                 None => b.put_u8(0),
             }
+            b.put_u8(u8::from(m.repeat_ok));
         }
         b.put_u32(self.watermarks.len() as u32);
         for (device, window) in &self.watermarks {
             put_bytes(&mut b, device.as_bytes());
             b.put_u64(window.high());
             put_bytes(&mut b, &window.window_bytes());
+            match window.boot() {
+                Some(boot) => {
+                    b.put_u8(1);
+                    b.put_u64(boot);
+                }
+                None => b.put_u8(0),
+            }
+            b.put_u32(window.epoch());
+            b.put_i64(window.newest());
         }
         put_bytes(&mut b, &self.alerts);
         b.put_u64(self.alert_rows as u64);
@@ -370,7 +409,10 @@ impl SealedBatch {
     /// Parses the spool form; `None` for anything malformed.
     pub fn decode(mut b: &[u8]) -> Option<SealedBatch> {
         let b = &mut b;
-        if get_u32(b)? != FORMAT_VERSION {
+        // Version 3 (before `repeat_ok`) is still read, so a spool left by
+        // the previous release replays after an upgrade.
+        let version = get_u32(b)?;
+        if version != FORMAT_VERSION && version != 3 {
             return None;
         }
         let id = (get_i64(b)?, get_i64(b)?);
@@ -407,6 +449,14 @@ impl SealedBatch {
                 1 => Some(get_u128(b)?),
                 _ => return None,
             };
+            let repeat_ok = match version {
+                3 => false,
+                _ => match get_u8(b)? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
+            };
             messages.push(MessageEntry {
                 id,
                 received,
@@ -417,6 +467,7 @@ impl SealedBatch {
                 row_count,
                 newest,
                 identity,
+                repeat_ok,
             });
         }
         let n = get_u32(b)? as usize;
@@ -424,7 +475,15 @@ impl SealedBatch {
         for _ in 0..n {
             let device: Arc<str> = Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?);
             let high = get_u64(b)?;
-            let window = SeqWindow::restore(high, get_bytes(b)?);
+            let mut window = SeqWindow::restore(high, get_bytes(b)?);
+            if version >= 4 {
+                let boot = match get_u8(b)? {
+                    0 => None,
+                    1 => Some(get_u64(b)?),
+                    _ => return None,
+                };
+                window = window.with_state(boot, get_u32(b)?, get_i64(b)?);
+            }
             watermarks.push((device, window));
         }
         let alerts = Bytes::copy_from_slice(get_bytes(b)?);
@@ -459,7 +518,7 @@ impl SealedBatch {
     }
 }
 
-const FORMAT_VERSION: u32 = 3;
+const FORMAT_VERSION: u32 = 4;
 
 fn put_bytes(b: &mut BytesMut, data: &[u8]) {
     b.put_u32(data.len() as u32);
@@ -525,15 +584,15 @@ mod tests {
             for (i, (device, payload, values, identity, seq, dead)) in entries.into_iter().enumerate() {
                 let m = message(i as u64, device.as_deref(), payload);
                 if dead || device.is_none() {
-                    batch.push_dead_letter(&m, "malformed_json", "bad");
+                    batch.push_dead_letter(&m, Reason::MalformedJson, "bad");
                     continue;
                 }
                 let readings: Vec<Reading> = values
                     .iter()
                     .map(|&(v, t)| Reading { time: m.received + t, metric: "m".into(), value: Value::Number(v), unit: None, sum: None })
                     .collect();
-                let window = seq.map(SeqWindow::starting_at);
-                batch.push_readings(&m, &readings, &partitions, window, identity);
+                let window = seq.map(|s| SeqWindow::starting_at(s).with_state(s.checked_sub(5), (s % 3) as u32, s as i64));
+                batch.push_readings(&m, &readings, &partitions, window, identity.map(|id| (id, id % 2 == 0)));
             }
             let sealed = batch.seal((7, 9));
             let bytes = sealed.encode();

@@ -91,8 +91,11 @@ impl RowBuffer {
         self
     }
 
-    /// A `text` value. PostgreSQL rejects NUL bytes in text, so they are
-    /// replaced by U+FFFD here rather than failing the whole batch.
+    /// A `text` value. PostgreSQL rejects NUL bytes in text. Device ids,
+    /// metric names, units and string values with a NUL never get here
+    /// (they are dead letters, `invalid_text`); for free text that is stored
+    /// as it came (a dead letter's topic or error) a NUL is replaced by
+    /// U+FFFD rather than failing the batch.
     #[inline]
     pub fn text(&mut self, s: &str) -> &mut Self {
         if s.as_bytes().contains(&0) {
@@ -143,9 +146,62 @@ impl RowBuffer {
     }
 }
 
+/// The byte range of each row of a finished COPY stream (header and
+/// trailer excluded); `None` when the stream is malformed.
+pub fn split_rows(stream: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut at = HEADER.len();
+    let mut rows = Vec::new();
+    let read = |at: usize, n: usize| stream.get(at..at + n);
+    loop {
+        let start = at;
+        let fields = i16::from_be_bytes(read(at, 2)?.try_into().ok()?);
+        at += 2;
+        if fields == -1 {
+            return (at == stream.len()).then_some(rows);
+        }
+        for _ in 0..fields {
+            let len = i32::from_be_bytes(read(at, 4)?.try_into().ok()?);
+            at += 4;
+            if len > 0 {
+                read(at, len as usize)?;
+                at += len as usize;
+            }
+        }
+        rows.push(start..at);
+    }
+}
+
+/// A COPY stream of the rows of `stream` at `ranges` (from [`split_rows`]).
+pub fn select_rows(stream: &[u8], ranges: &[std::ops::Range<usize>]) -> bytes::Bytes {
+    let len: usize = ranges.iter().map(|r| r.len()).sum();
+    let mut out = BytesMut::with_capacity(HEADER.len() + len + 2);
+    out.put_slice(HEADER);
+    for r in ranges {
+        out.put_slice(&stream[r.clone()]);
+    }
+    out.put_slice(&TRAILER);
+    out.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_split_and_select_back() {
+        let mut rows = RowBuffer::new(0);
+        rows.row(2).text("a").null();
+        rows.row(2).int8(7).text("bc");
+        rows.row(1).bytea(b"");
+        let out = rows.finish();
+        let ranges = split_rows(&out).expect("well formed");
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(select_rows(&out, &ranges), out);
+        let mut one = RowBuffer::new(0);
+        one.row(2).int8(7).text("bc");
+        assert_eq!(select_rows(&out, &ranges[1..2]), one.finish());
+        assert_eq!(split_rows(&out[..out.len() - 1]), None);
+    }
 
     #[test]
     fn encodes_header_rows_and_trailer() {

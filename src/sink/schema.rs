@@ -73,7 +73,22 @@ CREATE TABLE IF NOT EXISTS {s}.device_watermarks (
     seen       bytea       NOT NULL DEFAULT '',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE {s}.device_watermarks IS 'Highest committed native message sequence per device (seq), and which of the 1024 below it were committed (seen, a bitmap).';
+ALTER TABLE {s}.device_watermarks ADD COLUMN IF NOT EXISTS boot bigint;
+ALTER TABLE {s}.device_watermarks ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.device_watermarks ADD COLUMN IF NOT EXISTS newest bigint NOT NULL DEFAULT -9223372036854775808;
+COMMENT ON TABLE {s}.device_watermarks IS 'Highest committed native message sequence per device (seq) in its current boot (boot: the id the device sends, if any; epoch: restarts seen), which of the 1024 below it were committed (seen, a bitmap), and the newest reading time accepted (newest, microseconds since the epoch). Pruned past dedup.horizon_secs.';
+CREATE INDEX IF NOT EXISTS device_watermarks_updated_idx ON {s}.device_watermarks (updated_at);
+CREATE INDEX IF NOT EXISTS dead_letters_received_idx ON {s}.dead_letters (received_at);
+CREATE INDEX IF NOT EXISTS rollups_1m_bucket_idx ON {s}.rollups_1m (bucket);
+
+CREATE TABLE IF NOT EXISTS {s}.gateway_meta (
+    key   text NOT NULL PRIMARY KEY,
+    value text NOT NULL
+);
+COMMENT ON TABLE {s}.gateway_meta IS 'schema_version, and instance_id: a random id made when the schema was created, recorded in every spool so that a spool is never replayed into another database.';
+INSERT INTO {s}.gateway_meta VALUES ('instance_id', gen_random_uuid()::text) ON CONFLICT DO NOTHING;
+INSERT INTO {s}.gateway_meta VALUES ('schema_version', '{v}')
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 
 CREATE TABLE IF NOT EXISTS {s}.message_ids (
     device_id   text        NOT NULL,
@@ -92,9 +107,13 @@ CREATE TABLE IF NOT EXISTS {s}.applied_batches (
 );
 COMMENT ON TABLE {s}.applied_batches IS 'Batches committed recently, so a retried or replayed batch is never applied twice.';
 "#,
-        s = schema
+        s = schema,
+        v = SCHEMA_VERSION
     )
 }
+
+/// Bumped whenever [`ddl`] changes; a database at this version gets no DDL.
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Creates (if missing) a publication over `readings` (published as the
 /// parent table, whatever partition a row is in) and `alerts`, for logical
@@ -126,7 +145,8 @@ pub async fn create_publication(
 }
 
 /// Tables the gateway needs.
-pub const TABLES: [&str; 7] = [
+pub const TABLES: [&str; 8] = [
+    "gateway_meta",
     "readings",
     "alerts",
     "rollups_1m",
@@ -151,11 +171,53 @@ pub async fn create(client: &mut Client, schema: &str) -> Result<(), tokio_postg
         .await?
         .get(0);
     if present == TABLES.len() as i64 {
-        return Ok(());
+        let version = client
+            .query_opt(
+                &format!("SELECT value FROM {schema}.gateway_meta WHERE key = 'schema_version'"),
+                &[],
+            )
+            .await?
+            .map(|row| row.get::<_, String>(0));
+        if version.as_deref() == Some(SCHEMA_VERSION.to_string().as_str()) {
+            return Ok(());
+        }
     }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_LOCK])
         .await?;
     tx.batch_execute(&ddl(schema)).await?;
     tx.commit().await
+}
+
+/// What identifies the database a spool belongs to: the cluster's system
+/// identifier (when this role may read it), the database name, and the
+/// schema's random instance id.
+///
+/// # Errors
+/// Any database error.
+pub async fn identity(client: &Client, schema: &str) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT current_database(), \
+                 (SELECT value FROM {schema}.gateway_meta WHERE key = 'instance_id')"
+            ),
+            &[],
+        )
+        .await?;
+    let system = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => "-".to_string(),
+    };
+    Ok(format!(
+        "system={system} database={} instance={}",
+        row.get::<_, String>(0),
+        row.get::<_, Option<String>>(1).unwrap_or_default()
+    ))
 }

@@ -32,12 +32,14 @@ use tokio_postgres::{Client, NoTls, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{
-    SealedBatch, ALERT_COLUMNS, DEAD_LETTER_COLUMNS, READINGS_COLUMNS, ROLLUP_COLUMNS,
+    encode_dead_letter, MessageEntry, SealedBatch, ALERT_COLUMNS, DEAD_LETTER_COLUMNS,
+    READINGS_COLUMNS, ROLLUP_COLUMNS,
 };
-use super::copy::RowBuffer;
+use super::copy::{select_rows, split_rows, RowBuffer};
 use super::partitions::Partitions;
 use super::spool::{Spool, SpoolError};
-use crate::model::now_micros;
+use crate::model::{now_micros, Reason};
+use crate::shard::dedup::SeqWindow;
 use crate::telemetry::Metrics;
 
 /// Longest pause between retries.
@@ -150,13 +152,27 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// True for errors that retrying the same rows cannot fix: data exceptions
-/// (class 22) and integrity violations (class 23), such as a CHECK
-/// constraint an operator added.
+/// True for failures of the connection or of the server's availability,
+/// which retrying the same rows later can fix: no SQLSTATE at all (I/O, a
+/// closed connection), connection exceptions (08), insufficient resources
+/// (53), operator intervention (57P: shutdown, crash recovery), a cancelled
+/// statement (57014: `statement_timeout`), serialization failures and
+/// deadlocks (40001, 40P01), a lock timeout (55P03), system errors (58), a
+/// read-only transaction (25006: a demoted primary) and a missing partition.
+/// Everything else is the data's fault: retrying it would fail forever.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    let Some(code) = e.code() else { return true };
+    let code = code.code();
+    let class = &code[..2.min(code.len())];
+    matches!(class, "08" | "53" | "58")
+        || code.starts_with("57P")
+        || matches!(code, "57014" | "40001" | "40P01" | "55P03" | "25006")
+        || is_missing_partition(e)
+}
+
+/// True for errors the data causes (see [`is_transient`]).
 fn is_permanent(e: &tokio_postgres::Error) -> bool {
-    let Some(code) = e.code() else { return false };
-    let class = &code.code()[..2];
-    (class == "22" || class == "23") && !is_missing_partition(e)
+    !is_transient(e)
 }
 
 async fn copy(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, tokio_postgres::Error> {
@@ -174,13 +190,210 @@ pub struct Committed {
     pub duplicates: usize,
     /// Messages the database rejected, stored as dead letters.
     pub rejected: usize,
+    /// Alert, rollup and watermark rows the database rejected (with
+    /// isolation only; their messages' readings are stored).
+    pub rows_rejected: usize,
     /// The batch had been committed before (a replay or a lost answer).
     pub already_applied: bool,
 }
 
-/// Commits one batch in one transaction. With `isolate`, each message's
-/// rows go in under a savepoint and a message the database rejects becomes
-/// a dead letter instead of failing the batch.
+/// Records the identities of `messages` in `message_ids`; returns those
+/// that make their message a duplicate (already there, and not a pack whose
+/// bytes may repeat).
+async fn record_identities(
+    tx: &Transaction<'_>,
+    s: &str,
+    messages: &[&MessageEntry],
+) -> Result<HashSet<u128>, tokio_postgres::Error> {
+    let with_id: Vec<_> = messages
+        .iter()
+        .copied()
+        .filter(|m| m.identity.is_some())
+        .collect();
+    if with_id.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let devices: Vec<&str> = with_id
+        .iter()
+        .map(|m| m.device.as_deref().unwrap_or(""))
+        .collect();
+    let hashes: Vec<Vec<u8>> = with_id
+        .iter()
+        .map(|m| m.identity.unwrap_or(0).to_be_bytes().to_vec())
+        .collect();
+    let times: Vec<i64> = with_id.iter().map(|m| m.received).collect();
+    let inserted = tx
+        .query(
+            &format!(
+                "INSERT INTO {s}.message_ids (device_id, hash, received_at) \
+                 SELECT d, h, timestamptz 'epoch' + t * interval '1 microsecond' \
+                 FROM unnest($1::text[], $2::bytea[], $3::int8[]) AS u(d, h, t) \
+                 ON CONFLICT DO NOTHING RETURNING hash"
+            ),
+            &[&devices, &hashes, &times],
+        )
+        .await?;
+    let new: HashSet<Vec<u8>> = inserted.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+    Ok(with_id
+        .iter()
+        .filter(|m| !m.repeat_ok)
+        .filter_map(|m| m.identity)
+        .filter(|id| !new.contains(id.to_be_bytes().as_slice()))
+        .collect())
+}
+
+/// COPYs alert rows and sends their NOTIFY payloads (`notices`, one per row).
+async fn write_alerts(
+    tx: &Transaction<'_>,
+    ctx: &WriterContext,
+    rows: Bytes,
+    notices: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let s = &ctx.schema;
+    let sql = format!("COPY {s}.alerts ({ALERT_COLUMNS}) FROM STDIN (FORMAT binary)");
+    copy(tx, &sql, rows).await?;
+    if !ctx.notify_channel.is_empty() && !notices.is_empty() {
+        tx.execute(
+            "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
+            &[&ctx.notify_channel, &notices],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Stages rollup rows, then merges them: a minute split across batches (or
+/// restarts) adds up instead of conflicting. The staging table lives as
+/// long as the connection; PostgreSQL's notice that it already exists would
+/// be a log line per batch, so notices are off for this transaction.
+async fn merge_rollups(
+    tx: &Transaction<'_>,
+    s: &str,
+    rows: Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning; \
+         CREATE TEMP TABLE IF NOT EXISTS edge_rollup_stage \
+         (bucket timestamptz, device_id text, metric text, count bigint, min float8, max float8, avg float8) \
+         ON COMMIT DELETE ROWS; \
+         TRUNCATE edge_rollup_stage",
+    )
+    .await?;
+    copy(
+        tx,
+        &format!("COPY edge_rollup_stage ({ROLLUP_COLUMNS}) FROM STDIN (FORMAT binary)"),
+        rows,
+    )
+    .await?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.rollups_1m AS r ({ROLLUP_COLUMNS}) SELECT {ROLLUP_COLUMNS} FROM edge_rollup_stage \
+             ON CONFLICT (device_id, metric, bucket) DO UPDATE SET \
+             count = r.count + EXCLUDED.count, min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max), \
+             avg = (r.avg * r.count + EXCLUDED.avg * EXCLUDED.count) / (r.count + EXCLUDED.count)"
+        ),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Stores the sequence windows of a batch's devices. A window replaces the
+/// stored one when it is of a later epoch (a restart), or of the same epoch
+/// and not behind it.
+async fn upsert_watermarks(
+    tx: &Transaction<'_>,
+    s: &str,
+    watermarks: &[(Arc<str>, SeqWindow)],
+) -> Result<(), tokio_postgres::Error> {
+    let devices: Vec<&str> = watermarks.iter().map(|(d, _)| d.as_ref()).collect();
+    let highs: Vec<i64> = watermarks.iter().map(|(_, w)| w.high() as i64).collect();
+    let seen: Vec<Vec<u8>> = watermarks.iter().map(|(_, w)| w.window_bytes()).collect();
+    let boots: Vec<Option<i64>> = watermarks
+        .iter()
+        .map(|(_, w)| w.boot().map(|b| b as i64))
+        .collect();
+    let epochs: Vec<i64> = watermarks
+        .iter()
+        .map(|(_, w)| i64::from(w.epoch()))
+        .collect();
+    let newest: Vec<i64> = watermarks.iter().map(|(_, w)| w.newest()).collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.device_watermarks AS w (device_id, seq, seen, boot, epoch, newest, updated_at) \
+             SELECT d, q, b, o, e, n, now() \
+             FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[]) AS u(d, q, b, o, e, n) \
+             ON CONFLICT (device_id) DO UPDATE SET seq = EXCLUDED.seq, seen = EXCLUDED.seen, \
+             boot = EXCLUDED.boot, epoch = EXCLUDED.epoch, newest = EXCLUDED.newest, updated_at = now() \
+             WHERE (w.epoch, w.seq) <= (EXCLUDED.epoch, EXCLUDED.seq)"
+        ),
+        &[&devices, &highs, &seen, &boots, &epochs, &newest],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Runs `$body` (an awaited expression using the savepoint `$sp`) under a
+/// savepoint: `true` when it committed, `false` (rolled back, the error in
+/// `$rejected`) when the database refused its data; connection and
+/// availability errors end the batch.
+macro_rules! isolated {
+    ($tx:expr, $rejected:ident, $sp:ident => $body:expr) => {{
+        let $sp = $tx.savepoint("part").await?;
+        let result = $body;
+        match result {
+            Ok(_) => {
+                $sp.commit().await?;
+                true
+            }
+            Err(e) if is_permanent(&e) => {
+                $sp.rollback().await?;
+                $rejected = Some(e);
+                false
+            }
+            Err(e) => return Err(e),
+        }
+    }};
+}
+
+/// Derived rows (`$n` of them, for `$table`): `$body` writes the rows in
+/// the range `$range` under savepoint `$sp`; all at once first, then one by
+/// one when refused. Refused rows are counted in `$done` and logged.
+macro_rules! whole_then_each {
+    ($tx:expr, $ctx:expr, $done:expr, $table:expr, $n:expr, $range:ident, $sp:ident => $body:expr) => {{
+        let n = $n;
+        let mut rejected = None;
+        let all_ok = n == 0 || {
+            let $range = 0..n;
+            isolated!($tx, rejected, $sp => $body)
+        };
+        if !all_ok {
+            for i in 0..n {
+                let mut rejected = None;
+                let $range = i..i + 1;
+                if !isolated!($tx, rejected, $sp => $body) {
+                    $done.rows_rejected += 1;
+                    rejected_row($ctx, $table, rejected.as_ref());
+                }
+            }
+        }
+        let _ = rejected;
+    }};
+}
+
+/// Commits one batch in one transaction.
+///
+/// With `isolate`, every part is tried under a savepoint, so whatever the
+/// database rejects for its data is left out and the rest commits: each
+/// message's identity and readings together (a rejected message becomes a
+/// dead letter with the database's error), then alerts with their NOTIFY,
+/// rollups and sequence windows, each as a whole and, when refused, row by
+/// row (a refused row is counted and logged). Dead letters are built so
+/// that no input can make them fail (bounded text, no index).
+///
+/// # Errors
+/// Database errors; with `isolate`, only those [`is_transient`] accepts
+/// and failures of the statements that carry no device data.
 pub async fn commit(
     client: &mut Client,
     ctx: &WriterContext,
@@ -207,79 +420,19 @@ pub async fn commit(
         done.already_applied = true;
         return Ok(done);
     }
-
-    // Identities the database already holds mark duplicates.
-    let with_id: Vec<_> = batch
-        .messages
-        .iter()
-        .filter(|m| m.identity.is_some())
-        .collect();
-    let mut known: HashSet<u128> = HashSet::new();
-    if !with_id.is_empty() {
-        let devices: Vec<&str> = with_id
-            .iter()
-            .map(|m| m.device.as_deref().unwrap_or(""))
-            .collect();
-        let hashes: Vec<Vec<u8>> = with_id
-            .iter()
-            .map(|m| m.identity.unwrap_or(0).to_be_bytes().to_vec())
-            .collect();
-        let times: Vec<i64> = with_id.iter().map(|m| m.received).collect();
-        let inserted = tx
-            .query(
-                &format!(
-                    "INSERT INTO {s}.message_ids (device_id, hash, received_at) \
-                     SELECT d, h, timestamptz 'epoch' + t * interval '1 microsecond' \
-                     FROM unnest($1::text[], $2::bytea[], $3::int8[]) AS u(d, h, t) \
-                     ON CONFLICT DO NOTHING RETURNING hash"
-                ),
-                &[&devices, &hashes, &times],
-            )
-            .await?;
-        let new: HashSet<Vec<u8>> = inserted.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
-        known = with_id
-            .iter()
-            .filter_map(|m| m.identity)
-            .filter(|id| !new.contains(id.to_be_bytes().as_slice()))
-            .collect();
-        done.duplicates = known.len();
-    }
-    let is_new = |m: &super::batch::MessageEntry| m.identity.is_none_or(|id| !known.contains(&id));
-
     let readings_sql = format!("COPY {s}.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
-    let mut rejected = RowBuffer::new(0);
-    if isolate {
-        for m in batch
-            .messages
-            .iter()
-            .filter(|m| m.row_count > 0 && is_new(m))
-        {
-            let (rows, n) = batch.readings_where(|x| std::ptr::eq(x, m));
-            let sp = tx.savepoint("message").await?;
-            match copy(&sp, &readings_sql, rows).await {
-                Ok(_) => {
-                    sp.commit().await?;
-                    done.readings += n;
-                }
-                Err(e) if is_permanent(&e) => {
-                    sp.rollback().await?;
-                    let reason = "rejected_by_database";
-                    ctx.metrics.dead_letter(reason);
-                    super::batch::encode_dead_letter(
-                        &mut rejected,
-                        m.received,
-                        &m.topic,
-                        m.device.as_deref(),
-                        &m.payload,
-                        reason,
-                        &describe(&e),
-                    );
-                    done.rejected += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    } else {
+    let dead_sql =
+        format!("COPY {s}.dead_letters ({DEAD_LETTER_COLUMNS}) FROM STDIN (FORMAT binary)");
+    let notices: Vec<&str> = batch
+        .notifications
+        .iter()
+        .map(|(_, json)| json.as_str())
+        .collect();
+    if !isolate {
+        let all: Vec<&MessageEntry> = batch.messages.iter().collect();
+        let known = record_identities(&tx, s, &all).await?;
+        done.duplicates = known.len();
+        let is_new = |m: &MessageEntry| m.identity.is_none_or(|id| !known.contains(&id));
         let (rows, n) = if known.is_empty() {
             (batch.readings.clone(), batch.reading_rows)
         } else {
@@ -289,86 +442,90 @@ pub async fn commit(
             copy(&tx, &readings_sql, rows).await?;
         }
         done.readings = n;
+        if batch.dead_letter_rows > 0 {
+            copy(&tx, &dead_sql, batch.dead_letters.clone()).await?;
+        }
+        if batch.alert_rows > 0 {
+            write_alerts(&tx, ctx, batch.alerts.clone(), &notices).await?;
+        }
+        if batch.rollup_rows > 0 {
+            merge_rollups(&tx, s, batch.rollups.clone()).await?;
+        }
+        if !batch.watermarks.is_empty() {
+            upsert_watermarks(&tx, s, &batch.watermarks).await?;
+        }
+        tx.commit().await?;
+        return Ok(done);
     }
-    let dead_sql =
-        format!("COPY {s}.dead_letters ({DEAD_LETTER_COLUMNS}) FROM STDIN (FORMAT binary)");
+
+    // Isolation: message by message.
+    let mut dead = RowBuffer::new(0);
+    for m in batch
+        .messages
+        .iter()
+        .filter(|m| m.row_count > 0 || m.identity.is_some())
+    {
+        let mut rejected = None;
+        let mut duplicate = false;
+        let mut stored = 0;
+        let ok = isolated!(tx, rejected, sp => async {
+            if !record_identities(&sp, s, &[m]).await?.is_empty() {
+                duplicate = true;
+                return Ok::<_, tokio_postgres::Error>(());
+            }
+            let (rows, n) = batch.readings_where(|x| std::ptr::eq(x, m));
+            if n > 0 {
+                copy(&sp, &readings_sql, rows).await?;
+            }
+            stored = n;
+            Ok(())
+        }
+        .await);
+        if ok {
+            done.duplicates += usize::from(duplicate);
+            done.readings += stored;
+        } else if let Some(e) = rejected {
+            ctx.metrics.dead_letter(Reason::RejectedByDatabase);
+            encode_dead_letter(
+                &mut dead,
+                m.received,
+                &m.topic,
+                m.device.as_deref(),
+                &m.payload,
+                Reason::RejectedByDatabase,
+                &describe(&e),
+            );
+            done.rejected += 1;
+        }
+    }
     if batch.dead_letter_rows > 0 {
         copy(&tx, &dead_sql, batch.dead_letters.clone()).await?;
     }
-    if !rejected.is_empty() {
-        copy(&tx, &dead_sql, rejected.finish()).await?;
+    if !dead.is_empty() {
+        copy(&tx, &dead_sql, dead.finish()).await?;
     }
-    if batch.alert_rows > 0 {
-        let sql = format!("COPY {s}.alerts ({ALERT_COLUMNS}) FROM STDIN (FORMAT binary)");
-        copy(&tx, &sql, batch.alerts.clone()).await?;
-        if !ctx.notify_channel.is_empty() {
-            let payloads: Vec<&str> = batch
-                .notifications
-                .iter()
-                .map(|(_, json)| json.as_str())
-                .collect();
-            tx.execute(
-                "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
-                &[&ctx.notify_channel, &payloads],
-            )
-            .await?;
-        }
-    }
-    if batch.rollup_rows > 0 {
-        // Stage, then merge: a minute split across batches (or restarts)
-        // adds up instead of conflicting. The staging table lives as long
-        // as the connection; PostgreSQL's notice that it already exists
-        // would be a log line per batch, so notices are off for this
-        // transaction.
-        tx.batch_execute(
-            "SET LOCAL client_min_messages = warning; \
-             CREATE TEMP TABLE IF NOT EXISTS edge_rollup_stage \
-             (bucket timestamptz, device_id text, metric text, count bigint, min float8, max float8, avg float8) \
-             ON COMMIT DELETE ROWS",
-        )
-        .await?;
-        copy(
-            &tx,
-            &format!("COPY edge_rollup_stage ({ROLLUP_COLUMNS}) FROM STDIN (FORMAT binary)"),
-            batch.rollups.clone(),
-        )
-        .await?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {s}.rollups_1m AS r ({ROLLUP_COLUMNS}) SELECT {ROLLUP_COLUMNS} FROM edge_rollup_stage \
-                 ON CONFLICT (device_id, metric, bucket) DO UPDATE SET \
-                 count = r.count + EXCLUDED.count, min = least(r.min, EXCLUDED.min), max = greatest(r.max, EXCLUDED.max), \
-                 avg = (r.avg * r.count + EXCLUDED.avg * EXCLUDED.count) / (r.count + EXCLUDED.count)"
-            ),
-            &[],
-        )
-        .await?;
-    }
-    if !batch.watermarks.is_empty() {
-        let devices: Vec<&str> = batch.watermarks.iter().map(|(d, _)| d.as_ref()).collect();
-        let highs: Vec<i64> = batch
-            .watermarks
-            .iter()
-            .map(|(_, w)| w.high() as i64)
-            .collect();
-        let seen: Vec<Vec<u8>> = batch
-            .watermarks
-            .iter()
-            .map(|(_, w)| w.window_bytes())
-            .collect();
-        tx.execute(
-            &format!(
-                "INSERT INTO {s}.device_watermarks AS w (device_id, seq, seen, updated_at) \
-                 SELECT d, q, b, now() FROM unnest($1::text[], $2::int8[], $3::bytea[]) AS u(d, q, b) \
-                 ON CONFLICT (device_id) DO UPDATE SET seq = EXCLUDED.seq, seen = EXCLUDED.seen, updated_at = now() \
-                 WHERE w.seq <= EXCLUDED.seq"
-            ),
-            &[&devices, &highs, &seen],
-        )
-        .await?;
-    }
+    // Derived rows: as a whole, else row by row.
+    let alerts = split_rows(&batch.alerts).unwrap_or_default();
+    whole_then_each!(tx, ctx, done, "alerts", alerts.len(), r, sp => {
+        let rows = select_rows(&batch.alerts, &alerts[r.clone()]);
+        write_alerts(&sp, ctx, rows, notices.get(r).unwrap_or_default()).await
+    });
+    let rollups = split_rows(&batch.rollups).unwrap_or_default();
+    whole_then_each!(tx, ctx, done, "rollups_1m", rollups.len(), r, sp => {
+        merge_rollups(&sp, s, select_rows(&batch.rollups, &rollups[r])).await
+    });
+    whole_then_each!(tx, ctx, done, "device_watermarks", batch.watermarks.len(), r, sp => {
+        upsert_watermarks(&sp, s, &batch.watermarks[r]).await
+    });
     tx.commit().await?;
     Ok(done)
+}
+
+/// Counts and logs a derived row the database refused.
+fn rejected_row(ctx: &WriterContext, table: &'static str, e: Option<&tokio_postgres::Error>) {
+    ctx.metrics.rows_rejected.fetch_add(1, Relaxed);
+    let error = e.map(describe).unwrap_or_default();
+    tracing::warn!(table, %error, "row rejected by the database; left out");
 }
 
 /// One writer's connection, retry and spool state.

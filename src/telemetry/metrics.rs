@@ -6,22 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-/// Reasons a message becomes a dead letter; the label values of
-/// `edge_gateway_dead_letters_total`.
-pub const DEAD_LETTER_REASONS: [&str; 12] = [
-    "empty",
-    "unknown_shape",
-    "malformed_json",
-    "malformed_cbor",
-    "invalid_senml",
-    "invalid_native",
-    "not_finite",
-    "time_out_of_range",
-    "time_skew",
-    "payload_too_large",
-    "unknown_topic",
-    "rejected_by_database",
-];
+use crate::model::Reason;
 
 /// Upper bounds (seconds) of latency histogram buckets; fine between 10 and
 /// 500 ms, where the latency targets are, so quantiles read from the
@@ -81,6 +66,14 @@ pub struct Metrics {
     pub partitions_created: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub duplicates: AtomicU64,
+    pub device_restarts: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub dead_letters_suppressed: AtomicU64,
+    pub dedup_evictions: AtomicU64,
+    pub series_evicted: AtomicU64,
+    pub spool_foreign: AtomicU64,
+    /// Writers with work pending and no progress for `pipeline.stall_secs`.
+    pub writers_stalled: AtomicU64,
     pub alerts: AtomicU64,
     pub late_readings: AtomicU64,
     /// Series with analytics state, over all shards.
@@ -95,7 +88,7 @@ pub struct Metrics {
     pub spool_corrupt_files: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub spool_segments: AtomicU64,
-    dead_letters: [AtomicU64; DEAD_LETTER_REASONS.len()],
+    dead_letters: [AtomicU64; Reason::ALL.len()],
     pub mqtt_connected: AtomicBool,
     pub mqtt_subscribed: AtomicBool,
     pub db_connected: AtomicBool,
@@ -110,11 +103,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counts one dead letter for `reason` (one of [`DEAD_LETTER_REASONS`]).
-    pub fn dead_letter(&self, reason: &str) {
-        if let Some(i) = DEAD_LETTER_REASONS.iter().position(|r| *r == reason) {
-            self.dead_letters[i].fetch_add(1, Relaxed);
-        }
+    /// Counts one dead letter for `reason`.
+    pub fn dead_letter(&self, reason: Reason) {
+        self.dead_letters[reason.index()].fetch_add(1, Relaxed);
     }
 
     /// Counts one alert transition of `rule` (alerts are rare: a lock is fine).
@@ -260,6 +251,48 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "edge_gateway_device_restarts_total",
+            "Devices whose message sequence restarted (a new boot id, or a lower sequence with newer readings).",
+            self.device_restarts.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_rows_rejected_total",
+            "Alert, rollup or sequence-window rows the database refused (left out; their readings stored).",
+            self.rows_rejected.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_dead_letters_suppressed_total",
+            "Dead letters over limits.max_dead_letters_per_device_minute: counted and acknowledged, not stored.",
+            self.dead_letters_suppressed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_dedup_evictions_total",
+            "Sequence windows evicted from memory (device idle past dedup.horizon_secs, or limits.max_dedup_devices).",
+            self.dedup_evictions.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_series_evicted_total",
+            "Analytics series evicted (idle past analytics.series_idle_secs, or limits.max_series), final rollup written.",
+            self.series_evicted.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "edge_gateway_spool_foreign_total",
+            "Spools of another database set aside, never replayed.",
+            self.spool_foreign.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_writers_stalled",
+            "Writers with work pending and no progress for pipeline.stall_secs (readiness fails).",
+            self.writers_stalled.load(Relaxed),
+        );
+        counter(
+            &mut out,
             "edge_gateway_spool_batches_written_total",
             "Batches written to the disk spool.",
             self.spool_batches_written.load(Relaxed),
@@ -279,7 +312,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP edge_gateway_spool_bytes Bytes in the disk spool.\n# TYPE edge_gateway_spool_bytes gauge\nedge_gateway_spool_bytes {}", self.spool_bytes.load(Relaxed));
         let _ = writeln!(out, "# HELP edge_gateway_spool_segments Segment files in the disk spool.\n# TYPE edge_gateway_spool_segments gauge\nedge_gateway_spool_segments {}", self.spool_segments.load(Relaxed));
         let _ = writeln!(out, "# HELP edge_gateway_dead_letters_total Messages written to dead_letters, by reason.\n# TYPE edge_gateway_dead_letters_total counter");
-        for (i, reason) in DEAD_LETTER_REASONS.iter().enumerate() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "edge_gateway_dead_letters_total{{reason=\"{reason}\"}} {}",
