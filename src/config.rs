@@ -181,8 +181,9 @@ pub struct DatabaseConfig {
     /// 10 s while the database stays unreachable).
     pub retry_min_ms: u64,
     /// PEM file of the CA that signs the server certificate. When set,
-    /// connections use TLS (rustls: chain and host name verified), as
-    /// `sslmode=prefer` or `require` in the URL asks; `require` needs it.
+    /// connections require TLS and verify the chain and the host name
+    /// (verify-full); a URL asking for `sslmode=prefer`, `allow` or
+    /// `disable` is refused.
     pub ca_file: String,
     /// Name of a logical-replication publication over `readings` and
     /// `alerts` that `migrate` creates, for downstream change data capture
@@ -806,17 +807,29 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] for `database.url` or `database.ca_file`.
     pub fn db(&self) -> Result<crate::sink::writer::Db, ConfigError> {
+        let mut pg = self.pg_config()?;
         let tls = if self.database.ca_file.is_empty() {
             None
         } else {
+            // With a CA the connection is verify-full: TLS is required, and
+            // rustls checks the chain and the host name. A URL that would
+            // let a man in the middle downgrade it is refused.
+            let url = self.database.url.to_ascii_lowercase().replace(' ', "");
+            if ["sslmode=prefer", "sslmode=disable", "sslmode=allow"]
+                .iter()
+                .any(|m| url.contains(m))
+            {
+                return Err(invalid(
+                    "database.url",
+                    "with database.ca_file set, sslmode must be require (or left out): prefer, allow and disable let a man in the middle force plaintext",
+                ));
+            }
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
             let config = crate::tls::client_config(&self.database.ca_file, "", "")
                 .map_err(|e| invalid("database.ca_file", e.to_string()))?;
             Some(tokio_postgres_rustls::MakeRustlsConnect::new(config))
         };
-        Ok(crate::sink::writer::Db {
-            pg: self.pg_config()?,
-            tls,
-        })
+        Ok(crate::sink::writer::Db { pg, tls })
     }
 
     /// Shard count with `0` resolved to the number of cores.
@@ -836,8 +849,7 @@ impl Config {
     /// `check-config` and logs.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.database.url = redact_url(&shown.database.url);
-        shown.mqtt.url = redact_url(&shown.mqtt.url);
+        shown.database.url = format!("<not shown: {}>", describe_database(&shown.database.url));
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -852,42 +864,30 @@ pub fn valid_identifier(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// Masks the password in `scheme://user:password@host...` and in
-/// `password=...` key/value strings.
-pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-        // A password may also hide in the query string.
-        return mask_password_pairs(url, '&');
-    }
-    mask_password_pairs(url, ' ')
-}
-
-fn mask_password_pairs(text: &str, sep: char) -> String {
-    text.split(sep)
-        .map(|part| {
-            let (before, kv) = match part.rfind('?') {
-                Some(q) if sep == '&' => part.split_at(q + 1),
-                _ => ("", part),
-            };
-            match kv.split_once('=') {
-                Some((k, _)) if k.trim() == "password" => format!("{before}{k}=***"),
-                _ => part.to_string(),
-            }
+/// What `database.url` points at, as the driver parsed it: host(s), port(s),
+/// database and user, nothing else. A connection string is never shown,
+/// even masked (masking by hand misses passwords with `/`, `?`, spaces or
+/// quotes). Unparseable URLs show as such, without their text.
+pub fn describe_database(url: &str) -> String {
+    let Ok(pg) = url.parse::<tokio_postgres::Config>() else {
+        return "<database.url does not parse>".to_string();
+    };
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         })
-        .collect::<Vec<_>>()
-        .join(&sep.to_string())
+        .collect();
+    let ports: Vec<String> = pg.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "host={} port={} dbname={} user={}",
+        if hosts.is_empty() { "localhost".into() } else { hosts.join(",") },
+        if ports.is_empty() { "5432".into() } else { ports.join(",") },
+        pg.get_dbname().unwrap_or("(user name)"),
+        pg.get_user().unwrap_or("(none)"),
+    )
 }
 
 #[cfg(test)]
@@ -996,21 +996,25 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_masked() {
+    fn connection_strings_are_never_shown() {
+        for (url, secret) in [
+            ("postgresql://gw:s3cret@db:5432/x", "s3cret"),
+            ("postgresql://gw:a%2Fb%3Fc@db/x", "a%2Fb"),
+            ("postgresql://gw@db/x?password=s3cret&a=b", "s3cret"),
+            ("host=db password=s3cret user=gw", "s3cret"),
+            ("host=db password = 'two words' user=gw", "two words"),
+            ("host=db password='q\\'uoted' user=gw", "uoted"),
+        ] {
+            let shown = describe_database(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("host=db"), "{url} -> {shown}");
+            let mut config = Config::default();
+            config.database.url = url.into();
+            assert!(!config.to_redacted_toml().contains(secret), "{url}");
+        }
         assert_eq!(
-            redact_url("postgresql://gw:s3cret@db:5432/x"),
-            "postgresql://gw:***@db:5432/x"
+            describe_database("postgresql://gw:pw@db:5433/x"),
+            "host=db port=5433 dbname=x user=gw"
         );
-        assert_eq!(
-            redact_url("postgresql://gw@db/x?password=s3cret&a=b"),
-            "postgresql://gw@db/x?password=***&a=b"
-        );
-        assert_eq!(
-            redact_url("host=db password=s3cret user=gw"),
-            "host=db password=*** user=gw"
-        );
-        let mut config = Config::default();
-        config.database.url = "postgresql://gw:s3cret@db:5432/x".into();
-        assert!(!config.to_redacted_toml().contains("s3cret"));
     }
 }

@@ -16,7 +16,7 @@ use crate::shard::dedup::{Dedup, SeqWindow};
 use crate::shard::worker::{BatchIds, Worker, WorkerConfig};
 use crate::shard::{shard_of, Router};
 use crate::sink::partitions::Partitions;
-use crate::sink::spool::{Spool, SpoolError};
+use crate::sink::spool::{self, Spool, SpoolError};
 use crate::sink::{schema, writer};
 use crate::source;
 use crate::telemetry::{http, Metrics};
@@ -37,6 +37,46 @@ pub enum PipelineError {
     Database(#[from] tokio_postgres::Error),
     #[error("spool.dir: {0}")]
     Spool(#[from] SpoolError),
+    #[error("stage failed: {0}")]
+    StageFailed(String),
+}
+
+/// A supervised stage.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Intake,
+    Worker(usize),
+    Writer(usize),
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Intake => f.write_str("intake"),
+            Stage::Worker(i) => write!(f, "shard worker {i}"),
+            Stage::Writer(i) => write!(f, "writer {i}"),
+        }
+    }
+}
+
+type Ended = Result<(Stage, Result<(), String>), tokio::task::JoinError>;
+
+fn stage_of(ended: &Ended) -> Stage {
+    match ended {
+        Ok((stage, _)) => *stage,
+        // A panicked task's stage is not known; report it as a writer so
+        // that it counts as a failure.
+        Err(_) => Stage::Writer(usize::MAX),
+    }
+}
+
+/// What ended, and why, for the log and the exit status.
+fn describe_end(ended: Ended) -> String {
+    match ended {
+        Ok((stage, Ok(()))) => format!("{stage} ended"),
+        Ok((stage, Err(e))) => format!("{stage}: {e}"),
+        Err(e) => format!("a stage panicked or was cancelled: {e}"),
+    }
 }
 
 /// Creates the schema and the partitions around now, and drops partitions
@@ -209,10 +249,20 @@ async fn run_inner(
     let shards = router.shards().len();
     // More writers than shards would idle: each shard feeds one writer.
     let writers = config.database.writers.min(shards);
-    let spools = open_spools(&config, writers, &metrics)?;
+    let owner = {
+        let client = writer::connect(&pg).await?;
+        schema::identity(&client, &config.database.schema).await?
+    };
+    let spools = open_spools(&config, writers, &owner, &metrics)?;
     let dedups = load_dedup(&config, &pg, shards, &spools).await?;
-    replay_orphan_spools(&config, writers, &pg, &partitions, &metrics).await?;
+    replay_orphan_spools(&config, writers, &owner, &pg, &partitions, &metrics).await?;
 
+    // Cancelled by the caller's shutdown, or here when a stage fails: then
+    // intake stops and the rest drains as for a shutdown.
+    let stop = shutdown.child_token();
+    let stall = Duration::from_secs(config.pipeline.stall_secs);
+    let mut stages: tokio::task::JoinSet<(Stage, Result<(), String>)> =
+        tokio::task::JoinSet::new();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (alert_tx, alert_rx) = mpsc::unbounded_channel();
     let ctx = writer_context(
@@ -220,14 +270,18 @@ async fn run_inner(
         &pg,
         &partitions,
         &metrics,
-        shutdown.clone(),
+        stop.clone(),
         Some(alert_tx),
     );
     let mut queues = Vec::with_capacity(writers);
+    let mut health = Vec::with_capacity(writers);
     for (id, spool) in spools.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
         queues.push(tx);
-        tokio::spawn(writer::run(id, ctx.clone(), rx, done_tx.clone(), spool));
+        let h = Arc::new(writer::WriterHealth::default());
+        health.push(h.clone());
+        let run = writer::run(id, ctx.clone(), rx, done_tx.clone(), spool, h, stall);
+        stages.spawn(async move { (Stage::Writer(id), run.await.map_err(|e| e.to_string())) });
     }
     drop(done_tx);
     let worker_config = WorkerConfig::from_config(&config);
@@ -256,7 +310,10 @@ async fn run_inner(
             ),
             reload.clone(),
         );
-        tokio::spawn(worker.run());
+        stages.spawn(async move {
+            worker.run().await;
+            (Stage::Worker(i), Ok(()))
+        });
     }
     drop(queues);
 
@@ -269,6 +326,7 @@ async fn run_inner(
         config.clone(),
         router.clone(),
         metrics.clone(),
+        health,
         background.clone(),
     ));
 
@@ -285,15 +343,15 @@ async fn run_inner(
     let client = source::mqtt::start(&config, event_tx, driver_stop.clone())?;
     tracing::info!(
         broker = %config.mqtt.url,
-        database = %crate::config::redact_url(&config.database.url),
+        database = %crate::config::describe_database(&config.database.url),
         shards = router.shards().len(),
         writers,
         "gateway running"
     );
-    let intake = tokio::spawn({
+    stages.spawn({
         let config = config.clone();
         let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = stop.clone();
         async move {
             source::run_intake(
                 &config,
@@ -308,21 +366,51 @@ async fn run_inner(
                 shutdown,
             )
             .await;
+            (Stage::Intake, Ok(()))
         }
     });
 
-    shutdown.cancelled().await;
-    let deadline = Duration::from_secs(config.pipeline.shutdown_timeout_secs);
-    match tokio::time::timeout(deadline, intake).await {
-        Ok(_) => tracing::info!(
-            committed = metrics.readings_committed.load(Relaxed),
-            acked = metrics.acks_sent.load(Relaxed),
-            "drained and stopped"
-        ),
-        Err(_) => tracing::error!(
-            deadline_secs = deadline.as_secs(),
-            "shutdown deadline passed; unacknowledged messages will be redelivered by the broker"
-        ),
+    // Supervision: every stage runs until shutdown; one that ends before it
+    // (an error, a panic) fails readiness and stops the rest in order.
+    let mut failure: Option<String> = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(ended) = stages.join_next() => {
+            let why = describe_end(ended);
+            tracing::error!(stage = %why, "a stage ended before shutdown; draining and stopping");
+            metrics.stage_failed.store(true, Relaxed);
+            failure = Some(why);
+            stop.cancel();
+        }
+    }
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(config.pipeline.shutdown_timeout_secs);
+    loop {
+        match tokio::time::timeout_at(deadline, stages.join_next()).await {
+            Ok(Some(ended)) => {
+                if let (Stage::Writer(_), Ok((_, Err(_))) | Err(_)) = (stage_of(&ended), &ended) {
+                    failure.get_or_insert_with(|| describe_end(ended));
+                }
+            }
+            Ok(None) => {
+                tracing::info!(
+                    committed = metrics.readings_committed.load(Relaxed),
+                    acked = metrics.acks_sent.load(Relaxed),
+                    "drained and stopped"
+                );
+                break;
+            }
+            Err(_) => {
+                tracing::error!(
+                    deadline_secs = config.pipeline.shutdown_timeout_secs,
+                    "shutdown deadline passed; unacknowledged messages will be redelivered by the broker"
+                );
+                break;
+            }
+        }
+    }
+    if let Some(why) = failure {
+        return Err(PipelineError::StageFailed(why));
     }
     Ok(())
 }
@@ -351,16 +439,37 @@ fn spool_dir(config: &Config, writer: usize) -> std::path::PathBuf {
     std::path::Path::new(&config.spool.dir).join(format!("writer-{writer}"))
 }
 
+/// Claims a spool directory for the database `owner`, reporting a spool
+/// of another database that was set aside.
+fn claim_spool(dir: &std::path::Path, owner: &str, metrics: &Metrics) -> Result<(), PipelineError> {
+    match spool::claim(dir, owner)? {
+        spool::Claim::Foreign { owner: other, moved_to } => {
+            metrics.spool_foreign.fetch_add(1, Relaxed);
+            tracing::error!(
+                spool = %dir.display(), moved_to = %moved_to.display(), belongs_to = %other, database = %owner,
+                "spool of another database set aside, not replayed; replay it against its own database"
+            );
+        }
+        spool::Claim::Legacy => {
+            tracing::warn!(spool = %dir.display(), database = %owner, "spool from before spools recorded their database; replaying it into this one");
+        }
+        spool::Claim::Fresh | spool::Claim::Same => {}
+    }
+    Ok(())
+}
+
 /// Opens each writer's spool, reporting what recovery found.
 fn open_spools(
     config: &Config,
     writers: usize,
+    owner: &str,
     metrics: &Metrics,
 ) -> Result<Vec<Spool>, PipelineError> {
     let per_writer = config.spool.max_bytes / writers as u64;
     (0..writers)
         .map(|w| {
             let dir = spool_dir(config, w);
+            claim_spool(&dir, owner, metrics)?;
             let (spool, recovery) = Spool::open(&dir, per_writer, config.spool.segment_bytes.min(per_writer))?;
             for file in &recovery.corrupt {
                 metrics.spool_corrupt_files.fetch_add(1, Relaxed);
@@ -379,12 +488,14 @@ fn open_spools(
 async fn replay_orphan_spools(
     config: &Config,
     writers: usize,
+    owner: &str,
     pg: &writer::Db,
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), PipelineError> {
     let mut w = writers;
     while spool_dir(config, w).is_dir() {
+        claim_spool(&spool_dir(config, w), owner, metrics)?;
         let (spool, _) = Spool::open(&spool_dir(config, w), u64::MAX, config.spool.segment_bytes)?;
         if !spool.is_empty() {
             tracing::info!(
@@ -403,7 +514,11 @@ async fn replay_orphan_spools(
             let (tx, rx) = mpsc::channel(1);
             drop(tx);
             let (done, _) = mpsc::unbounded_channel();
-            writer::run(w, ctx, rx, done, spool).await;
+            let health = Arc::new(writer::WriterHealth::default());
+            let stall = Duration::from_secs(config.pipeline.stall_secs);
+            if let Err(e) = writer::run(w, ctx, rx, done, spool, health, stall).await {
+                return Err(PipelineError::StageFailed(e.to_string()));
+            }
         }
         w += 1;
     }
@@ -504,13 +619,16 @@ async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: Cancella
     }
 }
 
-/// Updates ring gauges every second and logs a summary line periodically.
+/// Updates ring and writer-stall gauges every second and logs a summary
+/// line periodically.
 async fn observe(
     config: Config,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    writers: Vec<Arc<writer::WriterHealth>>,
     stop: CancellationToken,
 ) {
+    let stall = Duration::from_secs(config.pipeline.stall_secs);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let every = config.pipeline.summary_interval_secs;
     let mut seconds = 0u64;
@@ -521,6 +639,10 @@ async fn observe(
             _ = tick.tick() => {}
         }
         metrics.set_ring_occupancy(router.occupancy());
+        let stalled = writers.iter().filter(|w| w.stalled(stall)).count() as u64;
+        if stalled > metrics.writers_stalled.swap(stalled, Relaxed) {
+            tracing::error!(writers = stalled, stall_secs = stall.as_secs(), "writer made no progress with work pending");
+        }
         seconds += 1;
         if every > 0 && seconds % every == 0 {
             let committed = metrics.readings_committed.load(Relaxed);

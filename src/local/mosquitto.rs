@@ -13,8 +13,13 @@ use super::{find_binary, free_port, io_err, running_as_root, tail, wait_for_port
 /// The shipped broker configuration, compiled in so it is found from anywhere.
 pub const SHIPPED_CONF: &str = include_str!("../../deploy/mosquitto.conf");
 
-const OVERRIDDEN: [&str; 6] = [
+const OVERRIDDEN: [&str; 9] = [
     "listener",
+    // The throwaway broker listens on loopback only and has no user
+    // database: tests that need authentication give their own.
+    "allow_anonymous",
+    "password_file",
+    "acl_file",
     "persistence_location",
     "log_dest",
     "user",
@@ -92,6 +97,9 @@ impl Mosquitto {
             self.dir.path().display(),
             self.log_path().display()
         ));
+        if !replaced.iter().any(|k| k == "allow_anonymous") {
+            conf.push_str("allow_anonymous true\n");
+        }
         for line in overrides {
             conf.push_str(line);
             conf.push('\n');

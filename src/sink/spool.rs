@@ -13,6 +13,12 @@
 //! The spool is bounded: [`Spool::append`] refuses a batch that would pass
 //! `max_bytes`, and the writer then keeps the batch (and so stops intake)
 //! until the database takes it.
+//!
+//! A spool belongs to one database: [`claim`] records the database's
+//! identity in the directory (`OWNER`), and a spool found with another
+//! owner is moved aside whole and reported, never replayed into the wrong
+//! database (a gateway re-pointed at a new database, a disk moved between
+//! hosts).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -23,6 +29,68 @@ use super::batch::SealedBatch;
 
 const MAGIC: [u8; 4] = *b"EGS1";
 const RECORD_HEADER: u64 = 12;
+
+/// The file in a spool directory naming the database it belongs to.
+const OWNER_FILE: &str = "OWNER";
+
+/// What [`claim`] found in a spool directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Empty or new: now recorded as `owner`'s.
+    Fresh,
+    /// Already `owner`'s.
+    Same,
+    /// Batches from before spools recorded their owner: adopted.
+    Legacy,
+    /// Batches of another database, moved to `moved_to` untouched.
+    Foreign { owner: String, moved_to: PathBuf },
+}
+
+/// Makes `dir` the spool of the database identified by `owner` (see
+/// `schema::identity`). A spool holding batches of another database is
+/// renamed to `<dir>.foreign-<unix seconds>` and a fresh one started.
+///
+/// # Errors
+/// When the directory or its owner file cannot be read or written.
+pub fn claim(dir: &Path, owner: &str) -> Result<Claim, SpoolError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(OWNER_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    if recorded.as_deref() == Some(owner) {
+        return Ok(Claim::Same);
+    }
+    let has_batches = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".seg"));
+    let claim = match (recorded, has_batches) {
+        (_, false) => Claim::Fresh,
+        (None, true) => Claim::Legacy,
+        (Some(other), true) => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut name = dir.as_os_str().to_owned();
+            name.push(format!(".foreign-{secs}"));
+            let moved_to = PathBuf::from(name);
+            std::fs::rename(dir, &moved_to).map_err(io(dir))?;
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            Claim::Foreign {
+                owner: other,
+                moved_to,
+            }
+        }
+    };
+    let mut file = File::create(&path).map_err(io(&path))?;
+    file.write_all(format!("{owner}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io(&path))?;
+    Ok(claim)
+}
 
 /// Spool failures.
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +399,28 @@ mod tests {
     use bytes::Bytes;
     use proptest::prelude::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_spool_of_another_database_is_set_aside() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = root.path().join("writer-0");
+        assert_eq!(claim(&dir, "db-a").ok(), Some(Claim::Fresh));
+        assert_eq!(claim(&dir, "db-a").ok(), Some(Claim::Same));
+        {
+            let (mut spool, _) =
+                Spool::open(&dir, 1 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+            spool.append(&batch(1, 2)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let Ok(Claim::Foreign { owner, moved_to }) = claim(&dir, "db-b") else {
+            panic!("expected the spool to be set aside");
+        };
+        assert_eq!(owner, "db-a");
+        let (moved, _) = Spool::open(&moved_to, 1 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(moved.pending(), 1, "set aside whole");
+        let (fresh, _) = Spool::open(&dir, 1 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert!(fresh.is_empty(), "never replayed into db-b");
+        assert_eq!(claim(&dir, "db-b").ok(), Some(Claim::Same));
+    }
 
     fn batch(n: i64, rows: usize) -> SealedBatch {
         let readings = Bytes::from(vec![7u8; rows * 10]);

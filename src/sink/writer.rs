@@ -20,7 +20,7 @@
 //! stored, as a dead letter.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -528,6 +528,41 @@ fn rejected_row(ctx: &WriterContext, table: &'static str, e: Option<&tokio_postg
     tracing::warn!(table, %error, "row rejected by the database; left out");
 }
 
+/// What a writer tells the supervisor about its progress.
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    /// Since when (µs) a batch has waited that is neither committed nor
+    /// spooled; 0 when none waits.
+    waiting_since: AtomicI64,
+}
+
+impl WriterHealth {
+    fn waiting(&self) {
+        let _ = self
+            .waiting_since
+            .compare_exchange(0, now_micros(), Relaxed, Relaxed);
+    }
+
+    fn progressed(&self) {
+        self.waiting_since.store(0, Relaxed);
+    }
+
+    /// True when a batch has waited for longer than `limit`.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        let since = self.waiting_since.load(Relaxed);
+        since != 0 && now_micros() - since > limit.as_micros() as i64
+    }
+}
+
+/// Why a writer stopped before its queue closed.
+#[derive(Debug, thiserror::Error)]
+#[error("writer {writer} could neither commit nor spool for {secs} s: {last}")]
+pub struct WriterFailed {
+    pub writer: usize,
+    pub secs: u64,
+    pub last: String,
+}
+
 /// One writer's connection, retry and spool state.
 struct Writer {
     id: usize,
@@ -537,6 +572,7 @@ struct Writer {
     delay: Duration,
     retry_at: Option<Instant>,
     reported_spool: (u64, u64),
+    health: Arc<WriterHealth>,
 }
 
 impl Writer {
@@ -657,34 +693,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Spools `batch`; on success its messages are durable.
-    fn spool(&mut self, batch: &SealedBatch) -> Result<(), SpoolError> {
-        self.spool.append(batch)?;
+    /// After a batch was appended to the spool: its messages are durable.
+    fn spooled(&mut self) {
         self.ctx.metrics.spool_batches_written.fetch_add(1, Relaxed);
+        self.health.progressed();
         self.report_spool();
-        Ok(())
-    }
-
-    /// Spools `batch` and reports its messages durable; gives the batch
-    /// back when the spool cannot take it (full, or failing), so the caller
-    /// holds it and intake stops behind it.
-    fn spool_or_hold(
-        &mut self,
-        batch: SealedBatch,
-        done: &mpsc::UnboundedSender<Vec<u64>>,
-    ) -> Option<SealedBatch> {
-        match self.spool(&batch) {
-            Ok(()) => {
-                let _ = done.send(batch.message_ids());
-                None
-            }
-            Err(e) => {
-                if !matches!(e, SpoolError::Full { .. }) {
-                    tracing::error!(writer = self.id, error = %e, "cannot spool; holding the batch");
-                }
-                Some(batch)
-            }
-        }
     }
 
     fn report_spool(&mut self) {
@@ -699,13 +712,21 @@ impl Writer {
 }
 
 /// Runs one writer until its queue closes and is drained.
+///
+/// # Errors
+/// [`WriterFailed`] when a batch could be neither committed nor spooled
+/// (the database unreachable and the spool failing, not merely full) for
+/// `stall`: the batch stays unacknowledged, and the gateway stops so that
+/// its supervisor restarts it.
 pub async fn run(
     id: usize,
     ctx: Arc<WriterContext>,
     mut queue: mpsc::Receiver<SealedBatch>,
     done: mpsc::UnboundedSender<Vec<u64>>,
     spool: Spool,
-) {
+    health: Arc<WriterHealth>,
+    stall: Duration,
+) -> Result<(), WriterFailed> {
     let mut w = Writer {
         id,
         delay: ctx.retry_min,
@@ -714,7 +735,11 @@ pub async fn run(
         spool,
         retry_at: None,
         reported_spool: (0, 0),
+        health,
     };
+    // Since when the held batch has failed to spool for a reason other than
+    // a full spool, with the last error.
+    let mut failing: Option<(Instant, String)> = None;
     w.report_spool();
     // A batch neither committed nor spooled (the spool is full or failing).
     let mut held: Option<SealedBatch> = None;
@@ -730,12 +755,41 @@ pub async fn run(
         }
         if let Some(batch) = held.take() {
             // Nothing older waits in the spool: the database may take it.
-            if w.spool.is_empty() && w.write(&batch).await.is_ok() {
+            if w.spool.is_empty() && w.retry_due() && w.write(&batch).await.is_ok() {
                 w.recovered();
+                w.health.progressed();
+                failing = None;
                 let _ = done.send(batch.message_ids());
                 continue;
             }
-            held = w.spool_or_hold(batch, &done);
+            held = match w.spool.append(&batch) {
+                Ok(()) => {
+                    w.spooled();
+                    failing = None;
+                    let _ = done.send(batch.message_ids());
+                    None
+                }
+                Err(SpoolError::Full { .. }) => {
+                    failing = None;
+                    Some(batch)
+                }
+                Err(e) => {
+                    let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                    if since.elapsed() >= stall {
+                        tracing::error!(writer = id, error = %e, "cannot commit or spool; stopping the gateway (the batch stays unacknowledged)");
+                        return Err(WriterFailed {
+                            writer: id,
+                            secs: stall.as_secs(),
+                            last: e.to_string(),
+                        });
+                    }
+                    if failing.is_none() {
+                        tracing::error!(writer = id, error = %e, "cannot spool; holding the batch");
+                    }
+                    failing = Some((since, e.to_string()));
+                    Some(batch)
+                }
+            };
             if held.is_some() {
                 let wait = w.retry_at.unwrap_or_else(|| Instant::now() + w.delay);
                 tokio::time::sleep_until(wait.into()).await;
@@ -753,10 +807,12 @@ pub async fn run(
             }
         };
         let Some(batch) = next else { break };
+        w.health.waiting();
         if w.spool.is_empty() {
             match w.write(&batch).await {
                 Ok(()) => {
                     w.recovered();
+                    w.health.progressed();
                     let _ = done.send(batch.message_ids());
                     continue;
                 }
@@ -764,7 +820,7 @@ pub async fn run(
             }
         }
         // Behind the spool, or just failed: keep order by spooling.
-        held = w.spool_or_hold(batch, &done);
+        held = Some(batch);
     }
     // Queue closed: shutting down. One last replay attempt; whatever stays
     // in the spool is replayed at the next start.
@@ -774,4 +830,5 @@ pub async fn run(
         }
     }
     tracing::debug!(writer = id, "writer finished");
+    Ok(())
 }

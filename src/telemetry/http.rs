@@ -1,6 +1,12 @@
 //! The HTTP endpoints: `GET /metrics` (Prometheus text), `GET /healthz`
-//! (the process is up), `GET /readyz` (subscribed to the broker and the
-//! database reachable). Binds to localhost by default.
+//! (the process is up), `GET /readyz` (subscribed to the broker, the
+//! database reachable, no writer stalled, no stage failed). Binds to
+//! localhost by default.
+//!
+//! Bounded like any other input: at most [`MAX_CONNECTIONS`] connections at
+//! once (more are closed at accept), [`HEADER_TIMEOUT`] to send the request
+//! head, [`IDLE_TIMEOUT`] for a whole connection, and a growing pause after
+//! accept errors (running out of file descriptors must not spin a core).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,6 +21,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Metrics;
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request head.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest life of one connection.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn respond(
     status: StatusCode,
@@ -59,17 +72,26 @@ pub async fn bind(
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let serve = async move {
+        let mut backoff = std::time::Duration::from_millis(10);
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        tracing::warn!(error = %e, "http accept failed");
+                        tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "http accept failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
                         continue;
                     }
                 },
+            };
+            backoff = std::time::Duration::from_millis(10);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(stream); // over the cap: closed at once
+                continue;
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
@@ -77,9 +99,12 @@ pub async fn bind(
                     let response = route(&metrics, &req);
                     async move { Ok::<_, Infallible>(response) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(IDLE_TIMEOUT, connection).await;
+                drop(slot);
             });
         }
     };

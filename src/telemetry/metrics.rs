@@ -74,6 +74,8 @@ pub struct Metrics {
     pub spool_foreign: AtomicU64,
     /// Writers with work pending and no progress for `pipeline.stall_secs`.
     pub writers_stalled: AtomicU64,
+    /// A stage ended before shutdown: the gateway is stopping.
+    pub stage_failed: AtomicBool,
     pub alerts: AtomicU64,
     pub late_readings: AtomicU64,
     /// Series with analytics state, over all shards.
@@ -132,7 +134,10 @@ impl Metrics {
 
     /// True when the broker subscription is up and the database reachable.
     pub fn ready(&self) -> bool {
-        self.mqtt_subscribed.load(Relaxed) && self.db_connected.load(Relaxed)
+        self.mqtt_subscribed.load(Relaxed)
+            && self.db_connected.load(Relaxed)
+            && self.writers_stalled.load(Relaxed) == 0
+            && !self.stage_failed.load(Relaxed)
     }
 
     /// The Prometheus text exposition of every family.
