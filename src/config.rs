@@ -100,7 +100,8 @@ pub struct MqttConfig {
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay, in milliseconds.
     pub reconnect_max_ms: u64,
-    /// Largest accepted payload in bytes; larger ones are dead letters.
+    /// Largest accepted payload in bytes; larger ones (up to four times
+    /// this, the packet limit) are dead letters, stored cut to this size.
     pub max_payload_bytes: usize,
     /// PEM file of the CA that signs the broker's certificate; needed for
     /// `mqtts://` (the certificate and host name are verified).
@@ -883,8 +884,16 @@ pub fn describe_database(url: &str) -> String {
     let ports: Vec<String> = pg.get_ports().iter().map(u16::to_string).collect();
     format!(
         "host={} port={} dbname={} user={}",
-        if hosts.is_empty() { "localhost".into() } else { hosts.join(",") },
-        if ports.is_empty() { "5432".into() } else { ports.join(",") },
+        if hosts.is_empty() {
+            "localhost".into()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".into()
+        } else {
+            ports.join(",")
+        },
         pg.get_dbname().unwrap_or("(user name)"),
         pg.get_user().unwrap_or("(none)"),
     )
@@ -1000,7 +1009,10 @@ mod tests {
         for (url, secret) in [
             ("postgresql://gw:s3cret@db:5432/x", "s3cret"),
             ("postgresql://gw:a%2Fb%3Fc@db/x", "a%2Fb"),
-            ("postgresql://gw@db/x?password=s3cret&a=b", "s3cret"),
+            (
+                "postgresql://gw@db/x?password=s3cret&application_name=b",
+                "s3cret",
+            ),
             ("host=db password=s3cret user=gw", "s3cret"),
             ("host=db password = 'two words' user=gw", "two words"),
             ("host=db password='q\\'uoted' user=gw", "uoted"),

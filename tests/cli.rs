@@ -82,7 +82,10 @@ fn check_config_prints_effective_config_without_secrets() {
         text.contains("host=db port=5432 dbname=x user=gw"),
         "{text}"
     );
-    assert!(!text.contains("postgresql://"), "a connection string was printed: {text}");
+    assert!(
+        !text.contains("postgresql://"),
+        "a connection string was printed: {text}"
+    );
     assert!(!text.contains("file-secret"), "{text}");
 
     let out = gateway(

@@ -103,6 +103,13 @@ pub struct SimConfig {
     /// Values replayed, in order, as the first metric of device 0
     /// (`--replay-csv`), instead of the simulated signal.
     pub replay: Option<Arc<[f64]>>,
+    /// Native formats: every device reboots after this many messages and
+    /// its sequence starts again at 1 (0 = never), as devices that do not
+    /// persist their counter do. Readings keep their times.
+    pub reboot_every: u64,
+    /// With reboots: send a boot id (native `boot`) that changes at each
+    /// boot, as the gateway recommends.
+    pub boot_ids: bool,
 }
 
 /// Kinds of injected anomaly.
@@ -194,6 +201,8 @@ impl Default for SimConfig {
             anomaly_kinds: AnomalyKind::ALL.to_vec(),
             anomaly_len: 30,
             replay: None,
+            reboot_every: 0,
+            boot_ids: false,
         }
     }
 }
@@ -278,6 +287,20 @@ fn broker_addr(url: &str) -> Result<(String, u16), SimError> {
 
 /// The topic shard of a device: [`edge_payload::device_hash`] of its id
 /// modulo `shards`, so operators can compute it anywhere (deploy/SCALING.md).
+/// The sequence number and boot id device `d` sends with its `seq`-th
+/// message (1-based), with [`SimConfig::reboot_every`] applied.
+pub fn boot_and_seq(config: &SimConfig, d: usize, seq: u64) -> (u64, Option<u64>) {
+    if config.reboot_every == 0 {
+        return (seq, None);
+    }
+    let boot = (seq - 1) / config.reboot_every;
+    let wire = (seq - 1) % config.reboot_every + 1;
+    let id = config
+        .boot_ids
+        .then(|| edge_payload::device_hash(&format!("{}:{d}:{boot}", config.seed)));
+    (wire, id)
+}
+
 pub fn topic_shard(device: &str, shards: usize) -> usize {
     (edge_payload::device_hash(device) % shards.max(1) as u64) as usize
 }
@@ -659,7 +682,9 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
                 continue;
             }
             let readings: u64 = samples.iter().map(|s| s.metrics.len() as u64).sum();
-            let mut payload = edge_payload::encode(config.format, seq, &samples, &unit_of);
+            let (wire_seq, boot) = boot_and_seq(config, d, seq);
+            let mut payload =
+                edge_payload::encode_with_boot(config.format, wire_seq, boot, &samples, &unit_of);
             let fault = faults(config, d, seq - 1);
             match fault.malformed {
                 Some(kind) => {

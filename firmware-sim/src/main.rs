@@ -94,6 +94,13 @@ struct Args {
     /// Replay this timestamp,value CSV as the first metric of device 0.
     #[arg(long)]
     replay_csv: Option<std::path::PathBuf>,
+    /// Native formats: reboot every device after this many messages, its
+    /// sequence starting again at 1 (0 = never).
+    #[arg(long, default_value_t = 0)]
+    reboot_every: u64,
+    /// With --reboot-every: send a boot id that changes at each boot.
+    #[arg(long)]
+    boot_id: bool,
 }
 
 #[tokio::main]
@@ -134,6 +141,8 @@ async fn main() -> anyhow::Result<()> {
         anomaly_kinds: a.anomaly_kinds,
         anomaly_len: a.anomaly_len,
         replay,
+        reboot_every: a.reboot_every,
+        boot_ids: a.boot_id,
     };
     // Fix the start so the ground truth names the real times.
     let start_ms = config.start_ms.unwrap_or_else(|| {

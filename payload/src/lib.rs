@@ -119,15 +119,26 @@ pub fn encode(
     samples: &[Sample],
     units: &dyn Fn(&str) -> Option<&'static str>,
 ) -> Vec<u8> {
+    encode_with_boot(format, seq, None, samples, units)
+}
+
+/// [`encode`], with the device's boot id (native formats only).
+pub fn encode_with_boot(
+    format: Format,
+    seq: u64,
+    boot: Option<u64>,
+    samples: &[Sample],
+    units: &dyn Fn(&str) -> Option<&'static str>,
+) -> Vec<u8> {
+    let native = || native::NativeMessage {
+        boot,
+        ..native::NativeMessage::from_samples(seq, samples)
+    };
     match format {
         Format::SenmlCbor => senml::encode_cbor(&senml::pack_from_samples(samples, units)),
         Format::SenmlJson => senml::encode_json(&senml::pack_from_samples(samples, units)),
-        Format::NativeCbor => {
-            native::encode_cbor(&native::NativeMessage::from_samples(seq, samples))
-        }
-        Format::NativeJson => {
-            native::encode_json(&native::NativeMessage::from_samples(seq, samples))
-        }
+        Format::NativeCbor => native::encode_cbor(&native()),
+        Format::NativeJson => native::encode_json(&native()),
     }
 }
 

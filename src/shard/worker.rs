@@ -381,13 +381,20 @@ impl Worker {
         }
     }
 
-    /// Counts a dead letter and stores it, within the device's budget.
+    /// Counts a dead letter and stores it, within the device's budget. An
+    /// oversized payload is stored cut to the payload limit.
     fn dead_letter(&mut self, message: &Message, reason: Reason, error: &str) {
         self.metrics.dead_letter(reason);
         if self
             .dead_letters
             .take(message.device.as_ref(), message.received)
         {
+            if message.payload.len() > self.config.max_payload_bytes {
+                let mut cut = message.clone();
+                cut.payload = cut.payload.slice(..self.config.max_payload_bytes);
+                self.batch.push_dead_letter(&cut, reason, error);
+                return;
+            }
             self.batch.push_dead_letter(message, reason, error);
         } else {
             self.metrics.dead_letters_suppressed.fetch_add(1, Relaxed);

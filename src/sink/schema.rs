@@ -117,7 +117,9 @@ pub const SCHEMA_VERSION: i32 = 2;
 
 /// Creates (if missing) a publication over `readings` (published as the
 /// parent table, whatever partition a row is in) and `alerts`, for logical
-/// replication and CDC tools. Subscribers need `wal_level = logical`.
+/// replication and CDC tools. Subscribers need `wal_level = logical`. Only
+/// inserts are published: retention deletes stay local (and need no
+/// replica identity).
 ///
 /// # Errors
 /// Any database error.
@@ -137,7 +139,7 @@ pub async fn create_publication(
         client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {name} FOR TABLE {schema}.readings, {schema}.alerts \
-                 WITH (publish_via_partition_root = true)"
+                 WITH (publish_via_partition_root = true, publish = 'insert')"
             ))
             .await?;
     }

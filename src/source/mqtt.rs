@@ -134,6 +134,15 @@ pub fn start(
     } else {
         None
     };
+    /// The largest packet taken from the broker: four times the payload
+    /// limit, so that a payload over the limit (up to 4x) still arrives
+    /// and becomes a dead letter (`payload_too_large`) instead of being
+    /// discarded by the broker (MQTT 5) or breaking the connection (3.1.1).
+    /// Keep the broker's own limit at or under it (mosquitto:
+    /// `message_size_limit`, 4 MiB in `deploy/mosquitto.conf`).
+    fn max_packet_bytes(max_payload: usize) -> usize {
+        max_payload.saturating_mul(4).saturating_add(1024)
+    }
     let password = config.mqtt_password()?;
     let credentials =
         (!m.username.is_empty()).then(|| (m.username.clone(), password.unwrap_or_default()));
@@ -144,7 +153,7 @@ pub fn start(
                 .set_clean_session(false)
                 .set_manual_acks(true)
                 .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
-                .set_max_packet_size(m.max_payload_bytes + 1024, 64 * 1024)
+                .set_max_packet_size(max_packet_bytes(m.max_payload_bytes), 64 * 1024)
                 .set_request_channel_capacity(capacity);
             if let Some(transport) = transport {
                 options.set_transport(transport);
@@ -164,7 +173,7 @@ pub fn start(
                 .set_receive_maximum(Some(m.receive_maximum))
                 .set_manual_acks(true)
                 .set_keep_alive(Duration::from_secs(m.keep_alive_secs))
-                .set_max_packet_size(Some((m.max_payload_bytes + 1024) as u32))
+                .set_max_packet_size(Some(max_packet_bytes(m.max_payload_bytes) as u32))
                 .set_request_channel_capacity(capacity);
             if let Some(transport) = transport {
                 options.set_transport(transport);

@@ -145,6 +145,37 @@ impl Gateway {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code (None
+    /// when it is still running or died by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return status.code();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Kills the process with SIGKILL (a crash) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -357,6 +388,27 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
         .unwrap_or_else(|| {
             panic!("{name} not found: install it (Debian: apt-get install {package})")
         })
+}
+
+/// Publishes the file at `path` as one QoS 1 message with `mosquitto_pub -f`.
+pub fn mosquitto_pub_file(port: u16, topic: &str, path: &std::path::Path) {
+    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
+    let status = Command::new(exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-f",
+        ])
+        .arg(path)
+        .status()
+        .expect("spawn mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub -f failed");
 }
 
 /// Publishes `lines` (one message each, QoS 1) with `mosquitto_pub -l`, a
