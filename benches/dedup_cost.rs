@@ -7,7 +7,11 @@
 //! - `senml`: the gateway's commit path for SenML, which also records the
 //!   batch id and 500 message identities in the same transaction;
 //! - `native`: the gateway's commit path for native payloads, which records
-//!   the batch id and upserts the devices' sequence windows.
+//!   the batch id and upserts the devices' sequence windows;
+//! - `isolate`: the path a batch takes once the database has refused it for
+//!   its data (native batches again): every message under its own savepoint,
+//!   alerts, rollups and windows as a whole. What finding one poisoned
+//!   message in a batch costs, on top of the failed first attempt.
 //!
 //! Run: `cargo bench --bench dedup_cost`. Prints a table, then one JSON line.
 
@@ -73,14 +77,10 @@ fn batches(format: Format, start_ms: i64, partitions: &Partitions) -> Vec<Sealed
             let Ok(decoded) = decode(&payload, None, start_ms * 1000) else {
                 panic!("bench payload must decode")
             };
-            let Verdict::New { window, identity } = dedup.check(
-                &device,
-                decoded.seq,
-                &payload,
-                decoded.relative_time,
-                false,
-                message.received,
-            ) else {
+            let Verdict::New {
+                window, identity, ..
+            } = dedup.check(&device, &decoded, &payload, false, message.received)
+            else {
                 panic!("bench messages are distinct")
             };
             batch.push_readings(&message, &decoded.readings, partitions, window, identity);
@@ -143,11 +143,11 @@ fn main() {
             }
             let copy = rate(rows, t.elapsed());
             let mut timed = Vec::new();
-            for (name, set) in [("senml", &senml), ("native", &native)] {
+            for (name, set, isolate) in [("senml", &senml, false), ("native", &native, false), ("isolate", &native, true)] {
                 truncate(&client).await;
                 let t = Instant::now();
                 for batch in set.iter() {
-                    commit(&mut client, &ctx, batch, false).await.unwrap_or_else(|e| panic!("{e}"));
+                    commit(&mut client, &ctx, batch, isolate).await.unwrap_or_else(|e| panic!("{e}"));
                 }
                 timed.push((name, rate(rows, t.elapsed())));
             }
@@ -162,12 +162,14 @@ fn main() {
             println!("{name:<8} {r:>14.0} {:>8.3}", r / copy);
         }
         println!(
-            "{{\"rows\":{rows},\"copy_readings_per_s\":{:.0},\"senml_readings_per_s\":{:.0},\"native_readings_per_s\":{:.0},\"senml_ratio\":{:.3},\"native_ratio\":{:.3}}}",
+            "{{\"rows\":{rows},\"copy_readings_per_s\":{:.0},\"senml_readings_per_s\":{:.0},\"native_readings_per_s\":{:.0},\"isolate_readings_per_s\":{:.0},\"senml_ratio\":{:.3},\"native_ratio\":{:.3},\"isolate_ratio\":{:.3}}}",
             copy,
             results[1].1,
             results[2].1,
+            results[3].1,
             results[1].1 / copy,
-            results[2].1 / copy
+            results[2].1 / copy,
+            results[3].1 / copy
         );
     });
 }

@@ -84,27 +84,21 @@ fn bench_dedup(c: &mut Criterion) {
             payload[..8].copy_from_slice(&n.to_le_bytes());
             dedup.check(
                 &devices[(n % 1000) as usize],
-                None,
+                &edge_gateway::model::Decoded::default(),
                 &payload,
-                false,
                 false,
                 n as i64,
             )
         })
     });
     group.bench_function("native_window", |b| {
-        let mut dedup = Dedup::new(1, 1);
+        let mut dedup = Dedup::new(1, i64::MAX / 4);
         let mut n = 0u64;
+        let mut decoded = edge_gateway::model::Decoded::default();
         b.iter(|| {
             n += 1;
-            dedup.check(
-                &devices[(n % 1000) as usize],
-                Some(n / 1000),
-                &[],
-                false,
-                false,
-                0,
-            )
+            decoded.seq = Some(n / 1000);
+            dedup.check(&devices[(n % 1000) as usize], &decoded, &[], false, 0)
         })
     });
     group.finish();

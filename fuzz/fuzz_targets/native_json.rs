@@ -4,5 +4,5 @@ use edge_gateway::decode::Encoding;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = edge_gateway::decode::native::decode(data, Encoding::Json);
+    let _ = edge_gateway::decode::native::decode(data, Encoding::Json, &Default::default());
 });

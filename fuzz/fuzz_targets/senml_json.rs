@@ -4,5 +4,5 @@ use edge_gateway::decode::Encoding;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = edge_gateway::decode::senml::decode(data, Encoding::Json, 1_700_000_000_000_000);
+    let _ = edge_gateway::decode::senml::decode(data, Encoding::Json, 1_700_000_000_000_000, &Default::default());
 });

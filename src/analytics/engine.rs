@@ -972,6 +972,57 @@ mod tests {
     }
 
     #[test]
+    fn alert_json_stays_under_the_notify_limit() {
+        let mut alert = Alert {
+            time: 0,
+            device: Arc::from("d"),
+            metric: "m".into(),
+            rule: "r".into(),
+            state: "raised",
+            value: Some(1.0),
+            detail: "{\"k\":1}".into(),
+        };
+        assert!(alert.to_json().contains("\"k\":1"));
+        alert.detail = format!("{{\"k\":\"{}\"}}", "x".repeat(10_000));
+        let json = alert.to_json();
+        assert!(json.len() <= MAX_NOTIFY_BYTES, "{}", json.len());
+        assert!(json.contains("\"truncated\":true") && json.contains("\"device_id\":\"d\""));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(v["state"], "raised");
+    }
+
+    /// Series idle past `series_idle_secs` are evicted at the tick with
+    /// their final rollup, and the total cap evicts the longest idle.
+    #[test]
+    fn idle_and_surplus_series_are_evicted_with_their_rollups() {
+        let (a, _, mut out) = analytics(0.0);
+        let mut a = a.with_limits(2, 3);
+        for i in 0..5 {
+            let dev: Arc<str> = Arc::from(format!("d{i}").as_str());
+            a.observe(
+                &dev,
+                "m",
+                i * MICROS_PER_SEC,
+                1.0,
+                i * MICROS_PER_SEC,
+                &mut out,
+            );
+            assert!(a.series() <= 3);
+        }
+        assert!(a.evicted >= 2);
+        let evicted_rollups = out.rollups.len();
+        assert_eq!(evicted_rollups as u64, a.evicted, "one final rollup each");
+        assert!(a.admits("d4", ["m", "n"].into_iter()));
+        assert!(
+            !a.admits("d4", ["n", "o"].into_iter()),
+            "a third series for d4"
+        );
+        a.tick(10_000 * MICROS_PER_SEC, &mut out);
+        assert_eq!(a.series(), 0, "all idle past the default hour");
+        assert_eq!(out.rollups.len(), 5);
+    }
+
+    #[test]
     fn late_readings_are_counted_and_kept_out() {
         let (mut a, dev, mut out) = analytics(AnalyticsConfig::default().lateness_secs);
         let s = MICROS_PER_SEC;

@@ -386,6 +386,83 @@ mod tests {
         }
     }
 
+    /// A long base name is refused before it is copied into any record:
+    /// 9,000 records under a 100,000-byte base name would be 900 MB.
+    #[test]
+    fn limits_are_checked_before_anything_is_built() {
+        let mut pack = format!(r#"[{{"bn":"{}","v":0}}"#, "a".repeat(100_000));
+        for i in 0..9000 {
+            pack.push_str(&format!(r#",{{"v":{i}}}"#));
+        }
+        pack.push(']');
+        assert_eq!(
+            decode(pack.as_bytes(), None, 0).map_err(|e| e.reason()),
+            Err(Reason::MetricTooLong)
+        );
+        let limits = Limits {
+            max_records: 3,
+            ..Limits::default()
+        };
+        let four = br#"[{"n":"a","v":1},{"n":"a","v":2},{"n":"a","v":3},{"n":"a","v":4}]"#;
+        for payload in [&four[..], &senml_cbor_of(four)] {
+            assert_eq!(
+                decode_limited(payload, None, 0, &limits).map_err(|e| e.reason()),
+                Err(Reason::TooManyRecords)
+            );
+        }
+        let native =
+            br#"{"seq":1,"samples":[{"ts":1,"m":{"a":1,"b":2}},{"ts":2,"m":{"a":1,"b":2}}]}"#;
+        assert_eq!(
+            decode_limited(native, None, 0, &limits).map_err(|e| e.reason()),
+            Err(Reason::TooManyRecords)
+        );
+        let cases: [(&[u8], Reason); 5] = [
+            (
+                br#"{"seq":1,"ts":1,"m":{"a\u0000b":1}}"#,
+                Reason::InvalidText,
+            ),
+            (br#"[{"n":"a","u":"\u0001","v":1}]"#, Reason::InvalidText),
+            (br#"[{"n":"a","vs":"x\u0000y"}]"#, Reason::InvalidText),
+            (
+                br#"[{"n":"a","u":"0123456789012345678901234567890123","v":1}]"#,
+                Reason::UnitTooLong,
+            ),
+            (
+                br#"[{"n":"a","vd":"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo"}]"#,
+                Reason::DataTooLong,
+            ),
+        ];
+        let small = Limits {
+            max_data_bytes: 16,
+            ..Limits::default()
+        };
+        for (payload, reason) in cases {
+            assert_eq!(
+                decode_limited(payload, None, 0, &small).map_err(|e| e.reason()),
+                Err(reason),
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        let tight = Limits {
+            max_decoded_bytes: 300,
+            ..Limits::default()
+        };
+        let three = br#"[{"n":"a","v":1},{"n":"a","v":2},{"n":"a","v":3}]"#;
+        assert_eq!(
+            decode_limited(three, None, 0, &tight).map_err(|e| e.reason()),
+            Err(Reason::DecodedTooLarge)
+        );
+    }
+
+    /// The same pack re-encoded as CBOR with text keys.
+    fn senml_cbor_of(json: &[u8]) -> Vec<u8> {
+        let value: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+        let mut out = Vec::new();
+        let _ = ciborium::into_writer(&value, &mut out);
+        out
+    }
+
     #[test]
     fn content_type_overrides_sniffing() {
         // 0x5b is '[' in ASCII but a CBOR byte string header: the content

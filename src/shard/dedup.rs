@@ -231,8 +231,11 @@ pub struct Dedup {
     pub evicted: u64,
 }
 
-/// What the dedup check decided for one message.
+/// What the dedup check decided for one message. Returned by value once a
+/// message and consumed at once: boxing the window would cost an
+/// allocation per message for nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Verdict {
     /// New: store it, with the state to persist in the same transaction.
     New {

@@ -583,6 +583,37 @@ mod tests {
         task.await.expect("worker ends after close");
     }
 
+    /// Past the per-device budget, dead letters are counted and
+    /// acknowledged, not stored; other devices keep their own budget.
+    #[tokio::test]
+    async fn dead_letters_over_the_device_budget_are_counted_not_stored() {
+        let (router, mut worker, mut rx, metrics) = setup(1000);
+        worker.dead_letters.max = 2;
+        for id in 0..5 {
+            router
+                .push(message(id, Some("noisy"), b"{bad"), &metrics)
+                .await;
+        }
+        router
+            .push(message(5, Some("other"), b"{bad"), &metrics)
+            .await;
+        router.close();
+        worker.run().await;
+        let batch = rx.recv().await.expect("one batch");
+        assert_eq!(batch.dead_letter_rows, 3);
+        assert_eq!(
+            batch.message_ids(),
+            vec![0, 1, 2, 3, 4, 5],
+            "all acknowledged"
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains("edge_gateway_dead_letters_suppressed_total 3"),
+            "{text}"
+        );
+        assert!(text.contains("edge_gateway_dead_letters_total{reason=\"malformed_json\"} 6"));
+    }
+
     /// Batches cut between messages, never inside one.
     #[tokio::test]
     async fn batches_hold_whole_messages() {

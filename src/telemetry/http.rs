@@ -110,3 +110,60 @@ pub async fn bind(
     };
     Ok((local, serve))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that never finishes its request head is cut off after
+    /// [`HEADER_TIMEOUT`], and connections past [`MAX_CONNECTIONS`] are
+    /// closed at once while the endpoint keeps answering.
+    #[tokio::test]
+    async fn slow_and_surplus_clients_are_bounded() {
+        let stop = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let (addr, serve) = bind("127.0.0.1:0".parse().expect("addr"), metrics, stop.clone())
+            .await
+            .expect("bind");
+        tokio::spawn(serve);
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\n")
+                .await
+                .expect("partial head");
+            idle.push(s);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut surplus = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), surplus.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "over the cap: closed without an answer");
+        // The slow clients are cut after the header timeout.
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(HEADER_TIMEOUT * 2, idle[0].read(&mut buf))
+            .await
+            .expect("cut off")
+            .unwrap_or(0);
+        assert!(started.elapsed() < HEADER_TIMEOUT * 2);
+        let _ = n;
+        drop(idle);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut fresh = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        fresh
+            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            .await
+            .expect("request");
+        let mut text = String::new();
+        let _ = fresh.read_to_string(&mut text).await;
+        assert!(
+            text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+            "{text}"
+        );
+        stop.cancel();
+    }
+}
