@@ -390,21 +390,26 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
         })
 }
 
+/// `mosquitto_pub` publishing QoS 1 to `topic` on the local broker.
+fn mosquitto_pub_to(port: u16, topic: &str) -> Command {
+    let mut command = Command::new(require_binary("mosquitto_pub", "mosquitto-clients"));
+    command.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+    ]);
+    command
+}
+
 /// Publishes the file at `path` as one QoS 1 message with `mosquitto_pub -f`.
 pub fn mosquitto_pub_file(port: u16, topic: &str, path: &std::path::Path) {
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
-    let status = Command::new(exe)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-f",
-        ])
+    let status = mosquitto_pub_to(port, topic)
+        .arg("-f")
         .arg(path)
         .status()
         .expect("spawn mosquitto_pub");
@@ -416,19 +421,8 @@ pub fn mosquitto_pub_file(port: u16, topic: &str, path: &std::path::Path) {
 /// options (client id, session). Returns once mosquitto_pub has exited.
 pub fn mosquitto_pub(port: u16, topic: &str, lines: &[String], pause: Duration, args: &[&str]) {
     use std::io::Write;
-    let exe = require_binary("mosquitto_pub", "mosquitto-clients");
-    let mut child = Command::new(exe)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-l",
-        ])
+    let mut child = mosquitto_pub_to(port, topic)
+        .arg("-l")
         .args(args)
         .stdin(Stdio::piped())
         .spawn()
