@@ -392,9 +392,11 @@ impl Dedup {
         } else if w.accept(seq) {
             w.newest = w.newest.max(newest);
             false
-        } else if newest > w.newest {
+        } else if w.newest != Micros::MIN && newest > w.newest {
             // Refused by the window, yet newer than anything before: a
-            // counter that started again, not a repeat.
+            // counter that started again, not a repeat. (A window stored
+            // before the newest time was recorded knows no time: no
+            // inference then, a refused sequence stays a duplicate.)
             true
         } else {
             return Verdict::Duplicate;

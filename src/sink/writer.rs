@@ -14,10 +14,16 @@
 //! the batch goes to the spool and is acknowledged from there; later batches
 //! queue behind it in the spool (order again), which is replayed as soon as
 //! the database answers. When the spool is full the writer holds the batch,
-//! which stops its queue, its shards and finally intake. A row the database
-//! rejects for good (a data or constraint error) does not block anything:
-//! the batch is retried message by message and only the rejected message is
-//! stored, as a dead letter.
+//! which stops its queue, its shards and finally intake; when it can neither
+//! commit nor spool for `pipeline.stall_secs` it stops the gateway.
+//!
+//! Errors are told apart by SQLSTATE ([`is_transient`]): the connection or
+//! the server's availability is retried and spooled; anything else is the
+//! data's fault, and the batch is committed again with every part under a
+//! savepoint ([`commit`] with `isolate`): refused messages become dead
+//! letters with the database's error, refused alert, rollup and window rows
+//! are left out and counted, the rest commits. A spooled batch replays the
+//! same way, so no input can stop a writer.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
