@@ -378,13 +378,19 @@ async fn run_inner(
     // (an error, a panic) fails readiness and stops the rest in order.
     let mut failure: Option<String> = None;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
         Some(ended) = stages.join_next() => {
-            let why = describe_end(ended);
-            tracing::error!(stage = %why, "a stage ended before shutdown; draining and stopping");
-            metrics.stage_failed.store(true, Relaxed);
-            failure = Some(why);
-            stop.cancel();
+            // Stages end in order once shutdown has begun: only an end
+            // before it, or an error, is a failure.
+            let clean = matches!(ended, Ok((_, Ok(()))));
+            if !(clean && shutdown.is_cancelled()) {
+                let why = describe_end(ended);
+                tracing::error!(stage = %why, "a stage ended before shutdown; draining and stopping");
+                metrics.stage_failed.store(true, Relaxed);
+                failure = Some(why);
+                stop.cancel();
+            }
         }
     }
     let deadline =
