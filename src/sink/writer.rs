@@ -476,7 +476,9 @@ pub async fn commit(
         .iter()
         .filter(|m| m.row_count > 0 || m.identity.is_some())
         .collect();
-    let mut todo = vec![0..messages.len()];
+    // Ranges of `messages` still to try (a stack: one range to start).
+    let mut todo: Vec<std::ops::Range<usize>> = Vec::with_capacity(16);
+    todo.push(0..messages.len());
     while let Some(range) = todo.pop() {
         if range.is_empty() {
             continue;
