@@ -87,6 +87,10 @@ fn describe_end(ended: Ended) -> String {
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
     let mut client = writer::connect(&config.db()?).await?;
     schema::create(&mut client, &config.database.schema).await?;
+    let distributed = schema::distribute(&client, &config.database.schema).await?;
+    if !distributed.is_empty() {
+        tracing::info!(tables = ?distributed, "Citus: distributed by device_id, co-located");
+    }
     if !config.database.publication.is_empty() {
         schema::create_publication(
             &client,

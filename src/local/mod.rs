@@ -1,5 +1,6 @@
 //! Local infrastructure started by the project itself: a throwaway PostgreSQL
-//! cluster, an embedded MQTT broker (rumqttd) and a real mosquitto.
+//! cluster (or a Citus cluster of them), an embedded MQTT broker (rumqttd)
+//! and a real mosquitto.
 //!
 //! `edge-gateway demo` and the black-box tests use these so that nothing has
 //! to be set up by hand. Every server is stopped and its directory removed
@@ -7,6 +8,7 @@
 //! install; nothing is ever skipped silently.
 
 pub mod broker;
+pub mod citus;
 pub mod mosquitto;
 pub mod postgres;
 

@@ -253,6 +253,11 @@ impl LocalPostgres {
         })
     }
 
+    /// The directory of the PostgreSQL binaries in use (`psql` is there).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// The TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

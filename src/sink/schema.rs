@@ -191,6 +191,92 @@ pub async fn create(client: &mut Client, schema: &str) -> Result<(), tokio_postg
     tx.commit().await
 }
 
+/// The device tables Citus distributes by `device_id`, co-located with
+/// `readings`: a device's readings, alerts, rollups and dedup state live on
+/// one worker, so its batch commits there as one unit.
+pub const DISTRIBUTED: [&str; 5] = [
+    "readings",
+    "alerts",
+    "rollups_1m",
+    "device_watermarks",
+    "message_ids",
+];
+
+/// True when the Citus extension is installed in the connected database.
+///
+/// # Errors
+/// Any database error.
+pub async fn is_citus(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'citus'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(n > 0)
+}
+
+/// On a Citus coordinator, distributes the device tables by `device_id`,
+/// co-located ([`DISTRIBUTED`]); tables without a device (`dead_letters`,
+/// `applied_batches`, `gateway_meta`) stay local to the coordinator, which
+/// is registered in the cluster so that they join the same distributed
+/// transactions. Partitions of `readings` created later on the coordinator
+/// are distributed by Citus itself. Idempotent; returns the tables it
+/// distributed now. On plain PostgreSQL it does nothing.
+///
+/// # Errors
+/// Any database error.
+pub async fn distribute(
+    client: &Client,
+    schema: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    if !is_citus(client).await? {
+        return Ok(Vec::new());
+    }
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&DDL_LOCK])
+        .await?;
+    let result = async {
+        let mut done = Vec::new();
+        for table in DISTRIBUTED {
+            let qualified = format!("{schema}.{table}");
+            let present: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid = $1::text::regclass",
+                    &[&qualified],
+                )
+                .await?
+                .get(0);
+            if present > 0 {
+                continue;
+            }
+            if table == "readings" {
+                client
+                    .execute(
+                        "SELECT create_distributed_table($1::text::regclass, 'device_id')",
+                        &[&qualified],
+                    )
+                    .await?;
+            } else {
+                client
+                    .execute(
+                        "SELECT create_distributed_table($1::text::regclass, 'device_id', colocate_with => $2)",
+                        &[&qualified, &format!("{schema}.readings")],
+                    )
+                    .await?;
+            }
+            done.push(qualified);
+        }
+        Ok(done)
+    }
+    .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&DDL_LOCK])
+        .await?;
+    result
+}
+
 /// What identifies the database a spool belongs to: the cluster's system
 /// identifier (when this role may read it), the database name, and the
 /// schema's random instance id.
