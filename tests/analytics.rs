@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
-use futures_util::StreamExt;
 
 const RULES: &str = r#"
 [analytics]
@@ -59,34 +58,6 @@ async fn collect_mqtt(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, String)
         .expect("suback")
         .expect("suback");
     got
-}
-
-/// LISTENs on `channel` and collects payloads; the client must be kept
-/// alive as long as notifications are wanted.
-async fn collect_notifications(
-    url: &str,
-    channel: &str,
-) -> (tokio_postgres::Client, Arc<Mutex<Vec<String>>>) {
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let sink = got.clone();
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(n.payload().to_string());
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {channel}"))
-        .await
-        .expect("listen");
-    (client, got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,6 +153,12 @@ async fn four_formats_land_exactly_once_each_device_on_one_worker() {
         .get(0);
     assert_eq!(kind, "distributed", "{partition}");
     assert_each_device_on_one_worker(&client, &citus).await;
+    assert_eq!(
+        gateway.metric("edge_gateway_rows_rejected_total"),
+        Some(0.0),
+        "log:\n{}",
+        gateway.log()
+    );
 }
 
 /// A worker stopped for 20 s mid-run: batches touching it fail, are
@@ -197,6 +203,12 @@ async fn a_worker_down_for_20_s_loses_and_duplicates_nothing() {
         .expect("dead letters")
         .get(0);
     assert_eq!(dead, 0, "an unreachable worker is not the data's fault");
+    assert_eq!(
+        gateway.metric("edge_gateway_rows_rejected_total"),
+        Some(0.0),
+        "log:\n{}",
+        gateway.log()
+    );
     assert_each_device_on_one_worker(&client, &citus).await;
 }
 
@@ -226,5 +238,36 @@ async fn the_gateway_sigkilled_mid_run_stores_everything_once() {
     let client = db(&citus.url()).await;
     for config in &configs {
         assert_landed(&client, &gateway, config).await;
+    }
+    assert_eq!(
+        gateway.metric("edge_gateway_rows_rejected_total"),
+        Some(0.0),
+        "log:\n{}",
+        gateway.log()
+    );
+}
+
+/// Two gateways with topic shards write to the coordinator; each commits
+/// its own shard's readings and alerts, and every alert's NOTIFY reaches a
+/// listener on the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_with_topic_shards_and_notify_on_the_coordinator() {
+    let citus = cluster();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let (_listener, notices) = collect_notifications(&citus.url(), "edge_alerts").await;
+    let (gateways, alerts) = two_gateways_split_the_fleet(&broker.url(), &citus.url()).await;
+    assert!(alerts > 0, "spikes raised alerts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (notices.lock().map_or(0, |n| n.len()) as i64) < alerts
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(notices.lock().map_or(0, |n| n.len()) as i64, alerts);
+    for gateway in &gateways {
+        assert_eq!(
+            gateway.metric("edge_gateway_rows_rejected_total"),
+            Some(0.0)
+        );
     }
 }

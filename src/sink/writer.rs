@@ -306,7 +306,8 @@ async fn merge_rollups(
 
 /// Stores the sequence windows of a batch's devices. A window replaces the
 /// stored one when it is of a later epoch (a restart), or of the same epoch
-/// and not behind it.
+/// and not behind it. (No function call in `DO UPDATE SET`: Citus allows
+/// only immutable ones there.)
 async fn upsert_watermarks(
     tx: &Transaction<'_>,
     s: &str,
@@ -327,13 +328,13 @@ async fn upsert_watermarks(
     tx.execute(
         &format!(
             "INSERT INTO {s}.device_watermarks AS w (device_id, seq, seen, boot, epoch, newest, updated_at) \
-             SELECT d, q, b, o, e, n, now() \
+             SELECT d, q, b, o, e, n, timestamptz 'epoch' + $7::int8 * interval '1 microsecond' \
              FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[]) AS u(d, q, b, o, e, n) \
              ON CONFLICT (device_id) DO UPDATE SET seq = EXCLUDED.seq, seen = EXCLUDED.seen, \
-             boot = EXCLUDED.boot, epoch = EXCLUDED.epoch, newest = EXCLUDED.newest, updated_at = now() \
+             boot = EXCLUDED.boot, epoch = EXCLUDED.epoch, newest = EXCLUDED.newest, updated_at = EXCLUDED.updated_at \
              WHERE (w.epoch, w.seq) <= (EXCLUDED.epoch, EXCLUDED.seq)"
         ),
-        &[&devices, &highs, &seen, &boots, &epochs, &newest],
+        &[&devices, &highs, &seen, &boots, &epochs, &newest, &now_micros()],
     )
     .await?;
     Ok(())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use edge_gateway::local::free_port;
 use edge_payload::Format;
+use firmware_sim::AnomalyKind;
 use firmware_sim::{ExpectedReading, SimConfig};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -484,4 +485,107 @@ pub async fn four_formats(sim_broker: &str, gateway: &Gateway, db_url: &str) {
         gateway.metric("edge_gateway_readings_committed_total"),
         Some(total as f64)
     );
+}
+
+/// LISTENs on `channel` and collects payloads; the client must be kept
+/// alive as long as notifications are wanted.
+pub async fn collect_notifications(
+    url: &str,
+    channel: &str,
+) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    use futures_util::StreamExt;
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("listen");
+    (client, got)
+}
+
+/// Alert rules for [`two_gateways_split_the_fleet`]: spikes raise alerts.
+pub const SPIKE_RULES: &str = r#"
+[analytics]
+lateness_secs = 0.0
+[[rules]]
+name = "spike"
+kind = "above"
+metric = "temperature"
+threshold = 40.0
+clear = 38.0
+"#;
+
+/// Two gateways on one broker, each subscribed to one topic shard, writing
+/// to `db_url`; 10 devices publish under `devices/s<n>/<device>/telemetry`
+/// with injected spikes. Checks every reading is stored once and each
+/// gateway committed exactly its shard's readings and raised exactly its
+/// shard's alerts; returns the gateways and the alerts stored.
+pub async fn two_gateways_split_the_fleet(broker_url: &str, db_url: &str) -> (Vec<Gateway>, i64) {
+    let gateways: Vec<Gateway> = (0..2)
+        .map(|shard| {
+            let extra =
+                format!("[mqtt]\ntopics = [\"devices/s{shard}/+/telemetry\"]\n{SPIKE_RULES}");
+            Gateway::start(broker_url, db_url, &extra)
+        })
+        .collect();
+
+    let start_ms = (now_ms() / 1000 - 7200) * 1000;
+    let mut config = sim(broker_url, Format::NativeCbor, 10, 600, start_ms);
+    config.metrics = 1;
+    config.topic = "devices/{shard}/{device}/telemetry".into();
+    config.topic_shards = 2;
+    config.anomalies = 3;
+    config.anomaly_kinds = vec![AnomalyKind::Spike];
+    let summary = firmware_sim::run(&config, CancellationToken::new())
+        .await
+        .expect("sim");
+    let client = db(db_url).await;
+    assert_landed(&client, &gateways[0], &config).await;
+
+    // What each shard should have: its devices' readings and spike alerts.
+    let mut readings = [0u64; 2];
+    let mut alerts = [0u64; 2];
+    for d in 0..config.devices {
+        let device = firmware_sim::device_id(&config.device_prefix, d);
+        let shard = firmware_sim::topic_shard(&device, 2);
+        readings[shard] += config.count.unwrap_or(0);
+        alerts[shard] += 2 * firmware_sim::episodes(&config, d).len() as u64;
+    }
+    assert!(
+        readings[0] > 0 && readings[1] > 0,
+        "both shards have devices"
+    );
+    assert_eq!(readings[0] + readings[1], summary.readings);
+    for (shard, gateway) in gateways.iter().enumerate() {
+        assert_eq!(
+            gateway.metric("edge_gateway_readings_committed_total"),
+            Some(readings[shard] as f64),
+            "gateway {shard}"
+        );
+        assert_eq!(
+            gateway.metric("edge_gateway_alerts_total"),
+            Some(alerts[shard] as f64),
+            "gateway {shard}"
+        );
+    }
+    let stored_alerts: i64 = client
+        .query_one("SELECT count(*) FROM edge.alerts", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    assert_eq!(stored_alerts as u64, alerts[0] + alerts[1]);
+    (gateways, stored_alerts)
 }
