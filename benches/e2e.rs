@@ -38,7 +38,10 @@
 //! and full-page writes on, as in production), `E2E_GATEWAY` (path of the
 //! release binary), `E2E_GATEWAY_TOML` (gateway config merged over the
 //! generated file, e.g. `[database]\nwriters = 3`), `E2E_MOSQUITTO` (lines
-//! over the shipped mosquitto.conf, separated by `;`).
+//! over the shipped mosquitto.conf, separated by `;`), `E2E_CITUS` (0; N
+//! runs a Citus coordinator with N workers instead of one PostgreSQL, the
+//! gateway and the ceiling's COPY both going through the coordinator:
+//! `benches/citus.sh`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -47,7 +50,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use edge_gateway::local::{free_port, mosquitto::Mosquitto, postgres::LocalPostgres};
+use edge_gateway::local::{
+    citus::LocalCitus, free_port, mosquitto::Mosquitto, postgres::LocalPostgres,
+};
 use edge_gateway::sink::batch::READINGS_COLUMNS;
 use edge_gateway::sink::copy::RowBuffer;
 use edge_payload::Format;
@@ -104,6 +109,8 @@ struct Options {
     extra_toml: String,
     mosquitto: String,
     pg_settings: String,
+    /// Citus workers behind a coordinator; 0 for one plain PostgreSQL.
+    citus: usize,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T> {
@@ -134,6 +141,7 @@ impl Options {
             gateway: env_or("E2E_GATEWAY", PathBuf::from("target/release/edge-gateway"))?,
             extra_toml: std::env::var("E2E_GATEWAY_TOML").unwrap_or_default(),
             mosquitto: std::env::var("E2E_MOSQUITTO").unwrap_or_default(),
+            citus: env_or("E2E_CITUS", 0)?,
             pg_settings: std::env::var("E2E_PG_SETTINGS")
                 .unwrap_or_else(|_| PRODUCTION_PG.to_string()),
         };
@@ -645,6 +653,22 @@ async fn published(
 /// Runs the benchmark; Ctrl-C or SIGTERM stops it and still removes the
 /// servers and the gateway it started (their `Drop`s run as `run` is
 /// dropped).
+/// The database under test: one PostgreSQL, or a Citus cluster reached
+/// through its coordinator.
+enum Database {
+    Plain(LocalPostgres),
+    Citus(LocalCitus),
+}
+
+impl Database {
+    fn url(&self) -> String {
+        match self {
+            Database::Plain(pg) => pg.url(),
+            Database::Citus(c) => c.url(),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = Options::from_env()?;
@@ -670,8 +694,19 @@ async fn run(o: Options) -> Result<()> {
         if o.index { "on" } else { "off" }
     );
     let settings = o.pg_settings.clone();
-    let pg =
-        tokio::task::spawn_blocking(move || LocalPostgres::start_with(&lines(&settings))).await??;
+    let workers = o.citus;
+    let pg = tokio::task::spawn_blocking(move || -> Result<Database> {
+        let settings = lines(&settings);
+        Ok(if workers == 0 {
+            Database::Plain(LocalPostgres::start_with(&settings)?)
+        } else {
+            Database::Citus(LocalCitus::start(workers, &settings)?)
+        })
+    })
+    .await??;
+    if o.citus > 0 {
+        eprintln!("e2e: Citus: a coordinator and {} workers on this host", o.citus);
+    }
     let overrides = o.mosquitto.clone();
     let broker =
         tokio::task::spawn_blocking(move || Mosquitto::start_with(&lines(&overrides))).await??;
@@ -1003,6 +1038,7 @@ async fn run(o: Options) -> Result<()> {
     println!("{table}");
     let json = serde_json::json!({
         "readings": total,
+        "citus_workers": o.citus,
         "devices": o.devices,
         "readings_per_message": o.pack * o.metrics,
         "format": o.format.name(),
