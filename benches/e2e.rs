@@ -705,7 +705,10 @@ async fn run(o: Options) -> Result<()> {
     })
     .await??;
     if o.citus > 0 {
-        eprintln!("e2e: Citus: a coordinator and {} workers on this host", o.citus);
+        eprintln!(
+            "e2e: Citus: a coordinator and {} workers on this host",
+            o.citus
+        );
     }
     let overrides = o.mosquitto.clone();
     let broker =

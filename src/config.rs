@@ -186,6 +186,11 @@ pub struct DatabaseConfig {
     /// (verify-full); a URL asking for `sslmode=prefer`, `allow` or
     /// `disable` is refused.
     pub ca_file: String,
+    /// On a Citus coordinator: shards per distributed table when `migrate`
+    /// distributes the schema (0 = Citus's `citus.shard_count`, 32 by
+    /// default). Each batch is one COPY stream per shard it touches, so a
+    /// few shards per worker core load several times faster (deploy/SCALING.md).
+    pub citus_shard_count: u32,
     /// Name of a logical-replication publication over `readings` and
     /// `alerts` that `migrate` creates, for downstream change data capture
     /// (logical replication subscribers, Debezium); "" = none.
@@ -206,6 +211,7 @@ impl Default for DatabaseConfig {
             retry_min_ms: 200,
             publication: String::new(),
             ca_file: String::new(),
+            citus_shard_count: 0,
         }
     }
 }

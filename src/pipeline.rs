@@ -87,7 +87,12 @@ fn describe_end(ended: Ended) -> String {
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
     let mut client = writer::connect(&config.db()?).await?;
     schema::create(&mut client, &config.database.schema).await?;
-    let distributed = schema::distribute(&client, &config.database.schema).await?;
+    let distributed = schema::distribute(
+        &client,
+        &config.database.schema,
+        config.database.citus_shard_count,
+    )
+    .await?;
     if !distributed.is_empty() {
         tracing::info!(tables = ?distributed, "Citus: distributed by device_id, co-located");
     }

@@ -218,7 +218,8 @@ pub async fn is_citus(client: &Client) -> Result<bool, tokio_postgres::Error> {
 }
 
 /// On a Citus coordinator, distributes the device tables by `device_id`,
-/// co-located ([`DISTRIBUTED`]); tables without a device (`dead_letters`,
+/// co-located ([`DISTRIBUTED`]), in `shard_count` shards (0: Citus's
+/// `citus.shard_count`); tables without a device (`dead_letters`,
 /// `applied_batches`, `gateway_meta`) stay local to the coordinator, which
 /// is registered in the cluster so that they join the same distributed
 /// transactions. Partitions of `readings` created later on the coordinator
@@ -230,6 +231,7 @@ pub async fn is_citus(client: &Client) -> Result<bool, tokio_postgres::Error> {
 pub async fn distribute(
     client: &Client,
     schema: &str,
+    shard_count: u32,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     if !is_citus(client).await? {
         return Ok(Vec::new());
@@ -252,10 +254,13 @@ pub async fn distribute(
                 continue;
             }
             if table == "readings" {
+                let shards = i32::try_from(shard_count).unwrap_or(i32::MAX);
                 client
                     .execute(
-                        "SELECT create_distributed_table($1::text::regclass, 'device_id')",
-                        &[&qualified],
+                        "SELECT create_distributed_table($1::text::regclass, 'device_id', \
+                         shard_count => CASE WHEN $2::int4 > 0 THEN $2::int4 \
+                         ELSE current_setting('citus.shard_count')::int4 END)",
+                        &[&qualified, &shards],
                     )
                     .await?;
             } else {
