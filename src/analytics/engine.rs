@@ -339,37 +339,33 @@ impl Analytics {
         self.series
     }
 
-    /// False when the numeric `metrics` of one message would give `device`
-    /// more than `limits.max_series_per_device` series.
-    pub fn admits<'m>(&self, device: &str, metrics: impl Iterator<Item = &'m str>) -> bool {
+    /// False when the metric names of one message would give `device` more
+    /// than `limits.max_series_per_device` distinct names (its series and
+    /// the new names together).
+    pub fn admits<'m>(
+        &self,
+        device: &str,
+        metrics: impl ExactSizeIterator<Item = &'m str>,
+    ) -> bool {
         if !self.config.enabled {
             return true;
         }
-        let Some(state) = self.devices.get(device) else {
-            // Distinct names of a new device: count them, bounded by the cap.
-            let mut seen: Vec<&str> = Vec::new();
-            for m in metrics {
-                if !seen.contains(&m) {
-                    if seen.len() == self.max_series_per_device {
-                        return false;
-                    }
-                    seen.push(m);
-                }
-            }
+        let series = self
+            .devices
+            .get(device)
+            .map(|d| &d.series[..])
+            .unwrap_or(&[]);
+        if series.len() + metrics.len() <= self.max_series_per_device {
+            // Even if every name were new it would fit: nearly every message.
             return true;
-        };
-        let mut new: Vec<&str> = Vec::new();
+        }
+        let mut new: HashSet<&str> = HashSet::new();
         for m in metrics {
-            if state
-                .series
-                .binary_search_by(|s| (*s.metric).cmp(m))
-                .is_err()
-                && !new.contains(&m)
+            if series.binary_search_by(|s| (*s.metric).cmp(m)).is_err()
+                && new.insert(m)
+                && series.len() + new.len() > self.max_series_per_device
             {
-                if state.series.len() + new.len() == self.max_series_per_device {
-                    return false;
-                }
-                new.push(m);
+                return false;
             }
         }
         true

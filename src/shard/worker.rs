@@ -319,12 +319,10 @@ impl Worker {
             Err((reason, error)) => return self.dead_letter(&message, reason, &error),
         };
         if let Some(analytics) = &self.analytics {
-            let numeric = decoded
-                .readings
-                .iter()
-                .filter(|r| matches!(r.value, crate::model::Value::Number(_)))
-                .map(|r| r.metric.as_str());
-            if !analytics.admits(&device, numeric) {
+            // Every metric name counts (only numeric ones make series, but
+            // the bound is on what one device can name).
+            let names = decoded.readings.iter().map(|r| r.metric.as_str());
+            if !analytics.admits(&device, names) {
                 let error = format!(
                     "the device would pass {} series (limits.max_series_per_device)",
                     self.config.max_series_per_device
