@@ -319,8 +319,9 @@ pub struct LimitsConfig {
     /// Most memory the decoded readings of one message may take, in bytes
     /// (each reading counts about 100 bytes plus its text).
     pub max_decoded_bytes: usize,
-    /// Most distinct metric names (series) one device may have at a time; a
-    /// message bringing one more is a dead letter (`too_many_series`).
+    /// Most distinct metric names one device may have at a time (its series
+    /// plus the names of the message at hand); a message bringing one more
+    /// is a dead letter (`too_many_series`).
     /// Idle series are evicted (`analytics.series_idle_secs`).
     pub max_series_per_device: usize,
     /// Most series the gateway tracks in all (analytics state is about
