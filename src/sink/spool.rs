@@ -264,6 +264,17 @@ impl Spool {
         record.extend_from_slice(&body);
         file.write_all(&record).map_err(io(&segment.path))?;
         file.sync_data().map_err(io(&segment.path))?;
+        // A segment unlinked behind our back (its directory removed) still
+        // takes writes, into nothing that survives: refuse, so the batch is
+        // not acknowledged, and start a new segment next time.
+        use std::os::unix::fs::MetadataExt;
+        if file.metadata().map_err(io(&segment.path))?.nlink() == 0 {
+            self.writer = None;
+            return Err(io(&segment.path)(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the spool segment was removed while in use",
+            )));
+        }
         segment.size += size;
         segment.records += 1;
         self.pending += 1;
@@ -399,6 +410,22 @@ mod tests {
     use bytes::Bytes;
     use proptest::prelude::*;
     use std::sync::Arc;
+
+    /// Appends into a segment whose directory was removed are refused (the
+    /// data would vanish with the last handle), never reported durable.
+    #[test]
+    fn a_removed_segment_is_not_taken_for_durable() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = root.path().join("writer-0");
+        let (mut spool, _) = Spool::open(&dir, 1 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        spool.append(&batch(1, 2)).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            spool.append(&batch(2, 2)).is_err(),
+            "written into an unlinked file"
+        );
+        assert!(spool.append(&batch(3, 2)).is_err(), "the directory is gone");
+    }
 
     #[test]
     fn a_spool_of_another_database_is_set_aside() {
