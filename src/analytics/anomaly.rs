@@ -58,6 +58,9 @@ pub struct AnomalyConfig {
     /// Gain on novelty: a reading `1 / novelty_gain` of the known range
     /// beyond it has a surprise of 1.
     pub novelty_gain: f64,
+    /// A reading this far beyond the known range (a share of the range)
+    /// scores 1 outright, whatever the other components say (0 = off).
+    pub novelty_override: f64,
     /// After a score, readings during which only a higher score is given
     /// (one episode, one alert; independent of any threshold): a score must
     /// beat every score passed in the previous `refractory - 1` readings.
@@ -81,6 +84,7 @@ impl Default for AnomalyConfig {
             short_alpha: 1.0,
             residual_scale: 20.0,
             novelty_gain: 16.0,
+            novelty_override: 0.0,
             refractory: 400,
             distribution_weight: 0.5,
             likelihood_weight: 0.0,
@@ -104,6 +108,7 @@ impl AnomalyConfig {
             ("distribution_weight", self.distribution_weight),
             ("likelihood_weight", self.likelihood_weight),
             ("histogram_alpha", self.histogram_alpha),
+            ("novelty_override", self.novelty_override),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(key, format!("{v} is outside 0 to 1"));
@@ -284,6 +289,9 @@ impl Detector {
         let weight = c.distribution_weight;
         if weight > 0.0 {
             surprise = (1.0 - weight) * surprise + weight * self.distribution_change(c, v, range);
+        }
+        if c.novelty_override > 0.0 && novelty > c.novelty_override {
+            surprise = 1.0;
         }
 
         // Learn.
