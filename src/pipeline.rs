@@ -61,15 +61,6 @@ impl std::fmt::Display for Stage {
 
 type Ended = Result<(Stage, Result<(), String>), tokio::task::JoinError>;
 
-fn stage_of(ended: &Ended) -> Stage {
-    match ended {
-        Ok((stage, _)) => *stage,
-        // A panicked task's stage is not known; report it as a writer so
-        // that it counts as a failure.
-        Err(_) => Stage::Writer(usize::MAX),
-    }
-}
-
 /// What ended, and why, for the log and the exit status.
 fn describe_end(ended: Ended) -> String {
     match ended {
@@ -407,7 +398,9 @@ async fn run_inner(
     loop {
         match tokio::time::timeout_at(deadline, stages.join_next()).await {
             Ok(Some(ended)) => {
-                if let (Stage::Writer(_), Ok((_, Err(_))) | Err(_)) = (stage_of(&ended), &ended) {
+                // Stages ending cleanly is the drain; an error or a panic
+                // still fails the run.
+                if !matches!(ended, Ok((_, Ok(())))) {
                     failure.get_or_insert_with(|| describe_end(ended));
                 }
             }

@@ -9,18 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
 use edge_payload::Format;
-use firmware_sim::{ExpectedReading, SimConfig, Summary};
-use tokio::task::JoinHandle;
+use firmware_sim::{ExpectedReading, SimConfig};
 use tokio_util::sync::CancellationToken;
-
-fn spawn_sim(config: &SimConfig) -> JoinHandle<Summary> {
-    let config = config.clone();
-    tokio::spawn(async move {
-        firmware_sim::run(&config, CancellationToken::new())
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", config.device_prefix))
-    })
-}
 
 fn paced(mut config: SimConfig, rate: f64, pack: usize) -> SimConfig {
     config.rate = rate;

@@ -340,23 +340,21 @@ async fn upsert_watermarks(
     Ok(())
 }
 
-/// Runs `$body` (an awaited expression using the savepoint `$sp`) under a
-/// savepoint: `true` when it committed, `false` (rolled back, the error in
-/// `$rejected`) when the database refused its data; connection and
-/// availability errors end the batch.
+/// Runs `$body` (an awaited `Result` using the savepoint `$sp`) under a
+/// savepoint: `Ok` with its value when it committed, `Err` with the
+/// database's error (rolled back) when the database refused its data;
+/// connection and availability errors end the batch.
 macro_rules! isolated {
-    ($tx:expr, $rejected:ident, $sp:ident => $body:expr) => {{
+    ($tx:expr, $sp:ident => $body:expr) => {{
         let $sp = $tx.savepoint("part").await?;
-        let result = $body;
-        match result {
-            Ok(_) => {
+        match $body {
+            Ok(value) => {
                 $sp.commit().await?;
-                true
+                Ok(value)
             }
             Err(e) if is_permanent(&e) => {
                 $sp.rollback().await?;
-                $rejected = Some(e);
-                false
+                Err(e)
             }
             Err(e) => return Err(e),
         }
@@ -369,22 +367,19 @@ macro_rules! isolated {
 macro_rules! whole_then_each {
     ($tx:expr, $ctx:expr, $done:expr, $table:expr, $n:expr, $range:ident, $sp:ident => $body:expr) => {{
         let n = $n;
-        let mut rejected = None;
         let all_ok = n == 0 || {
             let $range = 0..n;
-            isolated!($tx, rejected, $sp => $body)
+            isolated!($tx, $sp => $body).is_ok()
         };
         if !all_ok {
             for i in 0..n {
-                let mut rejected = None;
                 let $range = i..i + 1;
-                if !isolated!($tx, rejected, $sp => $body) {
+                if let Err(e) = isolated!($tx, $sp => $body) {
                     $done.rows_rejected += 1;
-                    rejected_row($ctx, $table, rejected.as_ref());
+                    rejected_row($ctx, $table, &e);
                 }
             }
         }
-        let _ = rejected;
     }};
 }
 
@@ -485,10 +480,7 @@ pub async fn commit(
             continue;
         }
         let part = &messages[range.clone()];
-        let mut rejected = None;
-        let mut duplicates = 0;
-        let mut stored = 0;
-        let ok = isolated!(tx, rejected, sp => async {
+        let attempt = isolated!(tx, sp => async {
             let known = record_identities(&sp, s, part).await?;
             let ids: HashSet<u64> = part.iter().map(|m| m.id).collect();
             let (rows, n) = batch.readings_where(|x| {
@@ -497,30 +489,33 @@ pub async fn commit(
             if n > 0 {
                 copy(&sp, &readings_sql, rows).await?;
             }
-            duplicates = known.len();
-            stored = n;
-            Ok::<_, tokio_postgres::Error>(())
+            Ok::<_, tokio_postgres::Error>((known.len(), n))
         }
         .await);
-        if ok {
-            done.duplicates += duplicates;
-            done.readings += stored;
-        } else if part.len() > 1 {
-            let mid = range.start + part.len() / 2;
-            todo.push(mid..range.end);
-            todo.push(range.start..mid);
-        } else if let (Some(e), Some(m)) = (rejected, part.first()) {
-            ctx.metrics.dead_letter(Reason::RejectedByDatabase);
-            encode_dead_letter(
-                &mut dead,
-                m.received,
-                &m.topic,
-                m.device.as_deref(),
-                &m.payload,
-                Reason::RejectedByDatabase,
-                &describe(&e),
-            );
-            done.rejected += 1;
+        match (attempt, part) {
+            (Ok((duplicates, stored)), _) => {
+                done.duplicates += duplicates;
+                done.readings += stored;
+            }
+            (Err(_), [_, _, ..]) => {
+                let mid = range.start + part.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+            (Err(e), [m]) => {
+                ctx.metrics.dead_letter(Reason::RejectedByDatabase);
+                encode_dead_letter(
+                    &mut dead,
+                    m.received,
+                    &m.topic,
+                    m.device.as_deref(),
+                    &m.payload,
+                    Reason::RejectedByDatabase,
+                    &describe(&e),
+                );
+                done.rejected += 1;
+            }
+            (Err(_), []) => {}
         }
     }
     if batch.dead_letter_rows > 0 {
@@ -547,10 +542,9 @@ pub async fn commit(
 }
 
 /// Counts and logs a derived row the database refused.
-fn rejected_row(ctx: &WriterContext, table: &'static str, e: Option<&tokio_postgres::Error>) {
+fn rejected_row(ctx: &WriterContext, table: &'static str, e: &tokio_postgres::Error) {
     ctx.metrics.rows_rejected.fetch_add(1, Relaxed);
-    let error = e.map(describe).unwrap_or_default();
-    tracing::warn!(table, %error, "row rejected by the database; left out");
+    tracing::warn!(table, error = %describe(e), "row rejected by the database; left out");
 }
 
 /// What a writer tells the supervisor about its progress.

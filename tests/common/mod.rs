@@ -376,6 +376,16 @@ pub fn sim(
     }
 }
 
+/// Runs the simulator in a task; the task panics if the run fails.
+pub fn spawn_sim(config: &SimConfig) -> tokio::task::JoinHandle<firmware_sim::Summary> {
+    let config = config.clone();
+    tokio::spawn(async move {
+        firmware_sim::run(&config, CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", config.device_prefix))
+    })
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> i64 {
     edge_gateway::model::now_micros() / 1000
