@@ -25,8 +25,9 @@ use edge_gateway::local::postgres::LocalPostgres;
 use edge_gateway::model::Message;
 use edge_gateway::shard::dedup::{Dedup, Verdict};
 use edge_gateway::shard::worker::BatchIds;
+use edge_gateway::sink::commit::{commit, WriterContext};
+use edge_gateway::sink::connection::connect;
 use edge_gateway::sink::partitions::Partitions;
-use edge_gateway::sink::writer::{commit, connect, WriterContext};
 use edge_gateway::sink::{schema, Batch, SealedBatch};
 use edge_gateway::telemetry::Metrics;
 use edge_payload::{Format, Sample};
@@ -95,7 +96,13 @@ fn batches(
             else {
                 panic!("bench messages are distinct")
             };
-            batch.push_readings(&message, &decoded.readings, partitions, window, identity);
+            batch.push_readings(
+                &message,
+                &decoded.readings,
+                partitions.interval(),
+                window,
+                identity,
+            );
         }
         out.push(batch.seal(ids.next()));
     }

@@ -738,7 +738,8 @@ async fn run(o: Options) -> Result<()> {
     std::fs::write(&config_path, toml::to_string(&table)?)?;
     let config = edge_gateway::config::Config::load(Some(&config_path))
         .map_err(|e| anyhow!("generated config: {e}"))?;
-    let db = config.pg_config().map_err(|e| anyhow!("{e}"))?;
+    let db = edge_gateway::sink::connection::pg_config(&config.database.url)
+        .map_err(|e| anyhow!("{e}"))?;
     let (writers, batch_rows) = (config.database.writers, config.database.batch_rows);
 
     let status = Command::new(&o.gateway)

@@ -55,7 +55,7 @@ fn bench_copy_encode(c: &mut Criterion) {
                 &mut rows,
                 "device-0001",
                 std::hint::black_box(&decoded),
-                &partitions,
+                partitions.interval(),
                 &mut seen,
             );
             rows.finish()
@@ -237,8 +237,8 @@ fn bench_worker_step(c: &mut Criterion) {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 let worker = Worker::new(
                     router.shards()[0].clone(),
-                    WorkerConfig::from_config(&config),
-                    Arc::new(Partitions::new("edge", PartitionInterval::Daily)),
+                    WorkerConfig::from(&config),
+                    PartitionInterval::Daily,
                     Arc::new(Metrics::default()),
                     tx,
                     Dedup::new(1000, i64::MAX / 4),

@@ -35,7 +35,7 @@ pub enum DemoError {
     Gateway(#[from] crate::pipeline::PipelineError),
     #[error("simulator: {0}")]
     Sim(#[from] firmware_sim::SimError),
-    #[error("database: {}", crate::sink::writer::describe(.0))]
+    #[error("database: {}", crate::sink::connection::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Other(String),
@@ -160,8 +160,9 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
     }
 
     println!("demo: published {published} readings; read back from PostgreSQL:");
-    let db = config.db().map_err(|e| DemoError::Other(e.to_string()))?;
-    let client = crate::sink::writer::connect(&db).await?;
+    let db = crate::sink::connection::Db::new(&config.database)
+        .map_err(|e| DemoError::Other(e.to_string()))?;
+    let client = crate::sink::connection::connect(&db).await?;
     let rows = client
         .query(
             "SELECT tableoid::regclass::text, count(*), count(DISTINCT device_id), min(time)::text, max(time)::text \

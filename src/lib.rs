@@ -7,6 +7,7 @@ pub mod local;
 pub mod model;
 pub mod pipeline;
 pub mod replay;
+pub mod settings;
 pub mod shard;
 pub mod sink;
 pub mod source;

@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::model::seq_window::SeqWindow;
 use crate::model::{now_micros, MICROS_PER_DAY, MICROS_PER_SEC};
-use crate::shard::dedup::{Dedup, SeqWindow};
+use crate::shard::dedup::Dedup;
 use crate::shard::worker::{BatchIds, Worker, WorkerConfig};
 use crate::shard::{shard_of, Router};
 use crate::sink::partitions::Partitions;
 use crate::sink::spool::{self, Spool, SpoolError};
-use crate::sink::{schema, writer};
+use crate::sink::{connection, schema, writer};
 use crate::source;
 use crate::telemetry::{http, Metrics};
 
@@ -26,6 +27,8 @@ use crate::telemetry::{http, Metrics};
 pub enum PipelineError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Setting(#[from] crate::settings::Invalid),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: String,
@@ -33,7 +36,7 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Mqtt(#[from] source::mqtt::MqttError),
-    #[error("database: {}", writer::describe(.0))]
+    #[error("database: {}", connection::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("spool.dir: {0}")]
     Spool(#[from] SpoolError),
@@ -76,7 +79,7 @@ fn describe_end(ended: Ended) -> String {
 /// # Errors
 /// Any database error.
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
-    let mut client = writer::connect(&config.db()?).await?;
+    let mut client = connection::connect(&connection::Db::new(&config.database)?).await?;
     schema::create(&mut client, &config.database.schema).await?;
     let distributed = schema::distribute(
         &client,
@@ -153,7 +156,7 @@ async fn maintain(
         match client.execute(&sql, &[&(days as i32)]).await {
             Ok(n) => expired += n,
             Err(e) => {
-                tracing::warn!(table, error = %writer::describe(&e), "retention delete failed")
+                tracing::warn!(table, error = %connection::describe(&e), "retention delete failed")
             }
         }
     }
@@ -211,10 +214,7 @@ async fn run_inner(
             .http
             .addr
             .parse()
-            .map_err(|_| crate::config::ConfigError::Invalid {
-                key: "http.addr".into(),
-                reason: "not host:port".into(),
-            })?;
+            .map_err(|_| crate::settings::Invalid::new("http.addr", "not host:port"))?;
         let (local, serve) = http::bind(addr, metrics.clone(), background.clone())
             .await
             .map_err(|source| PipelineError::Http {
@@ -234,7 +234,7 @@ async fn run_inner(
         match migrate(&config, &partitions).await {
             Ok(()) => break,
             Err(PipelineError::Database(e)) => {
-                tracing::warn!(error = %writer::describe(&e), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying");
+                tracing::warn!(error = %connection::describe(&e), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -246,7 +246,7 @@ async fn run_inner(
     }
     metrics.db_connected.store(true, Relaxed);
 
-    let pg = config.db()?;
+    let pg = connection::Db::new(&config.database)?;
     let router = Arc::new(Router::new(
         config.shard_count(),
         config.pipeline.ring_capacity,
@@ -255,7 +255,7 @@ async fn run_inner(
     // More writers than shards would idle: each shard feeds one writer.
     let writers = config.database.writers.min(shards);
     let owner = {
-        let client = writer::connect(&pg).await?;
+        let client = connection::connect(&pg).await?;
         schema::identity(&client, &config.database.schema).await?
     };
     let spools = open_spools(&config, writers, &owner, &metrics)?;
@@ -288,7 +288,7 @@ async fn run_inner(
         stages.spawn(async move { (Stage::Writer(id), run.await.map_err(|e| e.to_string())) });
     }
     drop(done_tx);
-    let worker_config = WorkerConfig::from_config(&config);
+    let worker_config = WorkerConfig::from(&config);
     let ids = Arc::new(BatchIds::new());
     let analytics_config = Arc::new(config.analytics.clone());
     let rules = Arc::new(config.rules.clone());
@@ -296,7 +296,7 @@ async fn run_inner(
         let worker = Worker::new(
             shard.clone(),
             worker_config.clone(),
-            partitions.clone(),
+            config.database.partition,
             metrics.clone(),
             queues[i % writers].clone(),
             dedup,
@@ -344,7 +344,11 @@ async fn run_inner(
         mpsc::channel(usize::from(config.mqtt.receive_maximum).max(1024) + 16);
     let driver_stop = CancellationToken::new();
     let _stop_driver = driver_stop.clone().drop_guard();
-    let client = source::mqtt::start(&config, event_tx, driver_stop.clone())?;
+    let intake_settings = source::IntakeSettings {
+        filters: config.mqtt.topic_filters()?,
+        alert_topic_prefix: config.analytics.alert_topic_prefix.clone(),
+    };
+    let client = source::mqtt::start(&config.mqtt, event_tx, driver_stop.clone())?;
     tracing::info!(
         broker = %config.mqtt.url,
         database = %crate::config::describe_database(&config.database.url),
@@ -353,12 +357,11 @@ async fn run_inner(
         "gateway running"
     );
     stages.spawn({
-        let config = config.clone();
         let metrics = metrics.clone();
         let shutdown = stop.clone();
         async move {
             source::run_intake(
-                &config,
+                intake_settings,
                 client,
                 source::IntakeInputs {
                     events: event_rx,
@@ -429,7 +432,7 @@ async fn run_inner(
 
 fn writer_context(
     config: &Config,
-    pg: &writer::Db,
+    pg: &connection::Db,
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
     shutdown: CancellationToken,
@@ -504,7 +507,7 @@ async fn replay_orphan_spools(
     config: &Config,
     writers: usize,
     owner: &str,
-    pg: &writer::Db,
+    pg: &connection::Db,
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), PipelineError> {
@@ -544,7 +547,7 @@ async fn replay_orphan_spools(
 /// from the database, then what waits in the spools (newer still).
 async fn load_dedup(
     config: &Config,
-    pg: &writer::Db,
+    pg: &connection::Db,
     shards: usize,
     spools: &[Spool],
 ) -> Result<Vec<Dedup>, PipelineError> {
@@ -554,7 +557,7 @@ async fn load_dedup(
         .map(|_| Dedup::with_max_devices(config.dedup.max_identities, horizon, max_devices))
         .collect();
     let s = &config.database.schema;
-    let client = writer::connect(pg).await?;
+    let client = connection::connect(pg).await?;
     let mut devices = 0usize;
     for row in client
         .query(
@@ -613,7 +616,7 @@ async fn load_dedup(
 
 /// Creates partitions ahead and drops expired ones every ten minutes.
 async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: CancellationToken) {
-    let Ok(pg) = config.db() else {
+    let Ok(pg) = connection::Db::new(&config.database) else {
         return; // validated at start
     };
     let mut tick = tokio::time::interval(Duration::from_secs(600));
@@ -624,12 +627,12 @@ async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: Cancella
             _ = tick.tick() => {}
         }
         let result = async {
-            let mut client = writer::connect(&pg).await?;
+            let mut client = connection::connect(&pg).await?;
             maintain(&mut client, &config, &partitions).await
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %writer::describe(&e), "partition maintenance failed; retrying later");
+            tracing::warn!(error = %connection::describe(&e), "partition maintenance failed; retrying later");
         }
     }
 }

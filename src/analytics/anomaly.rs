@@ -41,6 +41,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::settings::Invalid;
+
 /// Detector settings (`[anomaly]`); the defaults are meant for any series.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -99,8 +101,8 @@ impl AnomalyConfig {
     ///
     /// # Errors
     /// The first key out of range (as `anomaly.<key>`) and why.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, reason: String| Err((format!("anomaly.{key}"), reason));
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |key: &str, reason: String| Err(Invalid::new(format!("anomaly.{key}"), reason));
         for (key, v) in [
             ("baseline_alpha", self.baseline_alpha),
             ("long_alpha", self.long_alpha),
@@ -600,7 +602,7 @@ mod tests {
                 "anomaly.likelihood_weight",
             ),
         ] {
-            assert_eq!(c.validate().map_err(|(k, _)| k), Err(key.to_string()));
+            assert_eq!(c.validate().map_err(|e| e.key), Err(key.to_string()));
         }
         assert_eq!(AnomalyConfig::default().validate(), Ok(()));
     }

@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Micros, MICROS_PER_SEC};
+use crate::settings::Invalid;
 
 /// What kind of condition a rule checks.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -94,8 +95,19 @@ impl RuleConfig {
     /// Checks a rule; `names` are all rule names (for `sequence`).
     ///
     /// # Errors
-    /// The reason, to be prefixed with the rule's position by the caller.
-    pub fn validate(&self, names: &[&str]) -> Result<(), String> {
+    /// [`Invalid`] keyed by the rule's position and name (`rules[2] (hot)`)
+    /// when the rule cannot work or its name is not unique among `names`.
+    pub fn validate(&self, index: usize, names: &[&str]) -> Result<(), Invalid> {
+        let key = || format!("rules[{index}] ({})", self.name);
+        if names.iter().filter(|n| **n == self.name).count() > 1 {
+            return Err(Invalid::new(key(), "rule names must be unique"));
+        }
+        self.check(names)
+            .map_err(|reason| Invalid::new(key(), reason))
+    }
+
+    /// The reason a rule cannot work, if any.
+    fn check(&self, names: &[&str]) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
         }
@@ -503,16 +515,17 @@ mod tests {
     fn validation_names_the_problem() {
         let names = ["a", "b"];
         assert!(rule(Kind::Above, 1.0, Some(2.0), 0.0)
-            .validate(&names)
+            .validate(0, &names)
             .is_err());
         assert!(rule(Kind::Below, 1.0, Some(0.5), 0.0)
-            .validate(&names)
+            .validate(0, &names)
             .is_err());
         let mut no_threshold = rule(Kind::Above, 0.0, None, 0.0);
         no_threshold.threshold = None;
         assert!(no_threshold
-            .validate(&names)
+            .validate(0, &names)
             .unwrap_err()
+            .reason
             .contains("threshold"));
         let seq = RuleConfig {
             kind: Kind::Sequence,
@@ -521,6 +534,6 @@ mod tests {
             within_secs: 1.0,
             ..rule(Kind::Sequence, 0.0, None, 0.0)
         };
-        assert!(seq.validate(&names).unwrap_err().contains("then"));
+        assert!(seq.validate(0, &names).unwrap_err().reason.contains("then"));
     }
 }

@@ -18,7 +18,7 @@ use crate::analytics::rules::RuleConfig;
 use crate::decode::decode_limited;
 use crate::model::{Message, Micros, Reason, MICROS_PER_SEC};
 use crate::sink::batch::BatchId;
-use crate::sink::partitions::Partitions;
+use crate::sink::settings::PartitionInterval;
 use crate::sink::{Batch, SealedBatch};
 use crate::telemetry::Metrics;
 use tokio::sync::watch;
@@ -37,22 +37,6 @@ pub struct WorkerConfig {
     pub limits: crate::decode::Limits,
     pub max_dead_letters_per_device_minute: u32,
     pub max_series_per_device: usize,
-}
-
-impl WorkerConfig {
-    pub fn from_config(config: &crate::config::Config) -> WorkerConfig {
-        WorkerConfig {
-            batch_rows: config.database.batch_rows,
-            flush_interval: config.flush_interval(),
-            max_payload_bytes: config.mqtt.max_payload_bytes,
-            max_future: config.pipeline.max_future_skew_secs as i64 * MICROS_PER_SEC,
-            max_past: i64::from(config.database.retention_days) * crate::model::MICROS_PER_DAY,
-            max_device_id_bytes: config.limits.max_device_id_bytes,
-            limits: config.limits.decode(),
-            max_dead_letters_per_device_minute: config.limits.max_dead_letters_per_device_minute,
-            max_series_per_device: config.limits.max_series_per_device,
-        }
-    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -93,7 +77,7 @@ impl Default for BatchIds {
 pub struct Worker {
     shard: Arc<Shard>,
     config: WorkerConfig,
-    partitions: Arc<Partitions>,
+    partitions: PartitionInterval,
     metrics: Arc<Metrics>,
     out: mpsc::Sender<SealedBatch>,
     dedup: Dedup,
@@ -143,7 +127,7 @@ impl Worker {
     pub fn new(
         shard: Arc<Shard>,
         config: WorkerConfig,
-        partitions: Arc<Partitions>,
+        partitions: PartitionInterval,
         metrics: Arc<Metrics>,
         out: mpsc::Sender<SealedBatch>,
         dedup: Dedup,
@@ -356,7 +340,7 @@ impl Worker {
                 self.batch.push_readings(
                     &message,
                     &decoded.readings,
-                    &self.partitions,
+                    self.partitions,
                     window,
                     identity,
                 );
@@ -468,7 +452,6 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, PartitionInterval};
     use crate::model::now_micros;
     use crate::shard::Router;
     use bytes::Bytes;
@@ -486,16 +469,24 @@ mod tests {
     }
 
     fn setup(batch_rows: usize) -> (Router, Worker, mpsc::Receiver<SealedBatch>, Arc<Metrics>) {
-        let mut config = Config::default();
-        config.database.batch_rows = batch_rows;
-        config.mqtt.max_payload_bytes = 200;
+        let config = WorkerConfig {
+            batch_rows,
+            flush_interval: Duration::from_millis(200),
+            max_payload_bytes: 200,
+            max_future: 600 * MICROS_PER_SEC,
+            max_past: 30 * crate::model::MICROS_PER_DAY,
+            max_device_id_bytes: 128,
+            limits: crate::decode::Limits::default(),
+            max_dead_letters_per_device_minute: 60,
+            max_series_per_device: 1000,
+        };
         let router = Router::new(1, 16);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(4);
         let worker = Worker::new(
             router.shards()[0].clone(),
-            WorkerConfig::from_config(&config),
-            Arc::new(Partitions::new("edge", PartitionInterval::Daily)),
+            config,
+            PartitionInterval::Daily,
             metrics.clone(),
             tx,
             Dedup::new(1000, i64::MAX / 2),

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::copy::{RowBuffer, HEADER};
-use super::partitions::Partitions;
+use super::settings::PartitionInterval;
+use crate::model::seq_window::SeqWindow;
 use crate::model::{Micros, Reading, Reason, Value};
-use crate::shard::dedup::SeqWindow;
 
 /// Columns of `readings` in COPY order.
 pub const READINGS_COLUMNS: &str = "time, device_id, metric, value, unit, vs, vb, vd, sum";
@@ -175,7 +175,7 @@ impl Batch {
         &mut self,
         message: &crate::model::Message,
         readings: &[Reading],
-        partitions: &Partitions,
+        partitions: PartitionInterval,
         window: Option<SeqWindow>,
         identity: Option<(u128, bool)>,
     ) {
@@ -256,7 +256,7 @@ pub fn encode_readings(
     out: &mut RowBuffer,
     device: &str,
     readings: &[Reading],
-    partitions: &Partitions,
+    partitions: PartitionInterval,
     seen: &mut Vec<i64>,
 ) {
     let mut last_partition = None;
@@ -551,7 +551,6 @@ getter!(get_u128, u128, get_u128);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PartitionInterval;
     use crate::model::Message;
     use proptest::prelude::*;
 
@@ -579,7 +578,6 @@ mod tests {
                 0..12),
             cut in 0.0f64..1.0,
         ) {
-            let partitions = Partitions::new("edge", PartitionInterval::Daily);
             let mut batch = Batch::new(16);
             for (i, (device, payload, values, identity, seq, dead)) in entries.into_iter().enumerate() {
                 let m = message(i as u64, device.as_deref(), payload);
@@ -592,7 +590,7 @@ mod tests {
                     .map(|&(v, t)| Reading { time: m.received + t, metric: "m".into(), value: Value::Number(v), unit: None, sum: None })
                     .collect();
                 let window = seq.map(|s| SeqWindow::starting_at(s).with_state(s.checked_sub(5), (s % 3) as u32, s as i64));
-                batch.push_readings(&m, &readings, &partitions, window, identity.map(|id| (id, id % 2 == 0)));
+                batch.push_readings(&m, &readings, PartitionInterval::Daily, window, identity.map(|id| (id, id % 2 == 0)));
             }
             let sealed = batch.seal((7, 9));
             let bytes = sealed.encode();

@@ -7,11 +7,14 @@
 //! to the [`ledger`] so their PUBACKs can be released in order.
 
 pub mod batch;
+pub mod commit;
+pub mod connection;
 pub mod copy;
-pub mod ledger;
 pub mod partitions;
 pub mod schema;
+pub mod settings;
 pub mod spool;
+pub mod store;
 pub mod writer;
 
 pub use batch::{Batch, SealedBatch};

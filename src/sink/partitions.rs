@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::schema::DDL_LOCK;
-use crate::config::PartitionInterval;
+use super::settings::PartitionInterval;
 use crate::model::{civil_from_days, days_from_civil, Micros, MICROS_PER_DAY};
 
 /// Creates and drops partitions of `<schema>.readings`.
@@ -37,7 +37,12 @@ impl Partitions {
     /// The partition index (start / interval) holding time `t`.
     #[inline]
     pub fn index_of(&self, t: Micros) -> i64 {
-        t.div_euclid(self.interval.micros())
+        self.interval.index_of(t)
+    }
+
+    /// The partition length.
+    pub fn interval(&self) -> PartitionInterval {
+        self.interval
     }
 
     /// Table name (without schema) of partition `index`.

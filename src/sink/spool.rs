@@ -405,7 +405,7 @@ fn set_aside(path: &Path, valid: u64, corrupt: &Path) -> Result<(), SpoolError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::dedup::SeqWindow;
+    use crate::model::seq_window::SeqWindow;
     use crate::sink::batch::MessageEntry;
     use bytes::Bytes;
     use proptest::prelude::*;

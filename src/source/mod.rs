@@ -15,7 +15,10 @@
 //! intake task keeps acknowledging what the drained pipeline commits, then
 //! disconnects.
 
+pub mod ledger;
 pub mod mqtt;
+pub mod settings;
+pub mod topic;
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,12 +28,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, TopicFilter};
 use crate::model::{now_micros, Message};
 use crate::shard::Router;
-use crate::sink::ledger::{AckLedger, PendingAck};
 use crate::telemetry::Metrics;
+use ledger::{AckLedger, PendingAck};
 pub use mqtt::MqttClient;
+use topic::TopicFilter;
 
 /// What the driver reports.
 #[derive(Debug)]
@@ -62,10 +65,20 @@ pub struct IntakeInputs {
     pub alerts: mpsc::UnboundedReceiver<(Arc<str>, String)>,
 }
 
+/// What intake needs of the settings.
+#[derive(Debug, Clone)]
+pub struct IntakeSettings {
+    /// The parsed `mqtt.topics`.
+    pub filters: Vec<TopicFilter>,
+    /// `analytics.alert_topic_prefix`: committed alerts are published under
+    /// it; empty for none.
+    pub alert_topic_prefix: String,
+}
+
 /// Runs intake until `shutdown`, then drains acknowledgements until the
 /// writers have reported every commit (`done` closes).
 pub async fn run_intake(
-    config: &Config,
+    settings: IntakeSettings,
     client: MqttClient,
     inputs: IntakeInputs,
     router: Arc<Router>,
@@ -77,7 +90,10 @@ pub async fn run_intake(
         mut done,
         mut alerts,
     } = inputs;
-    let filters: Vec<TopicFilter> = config.topic_filters().unwrap_or_default();
+    let IntakeSettings {
+        filters,
+        alert_topic_prefix,
+    } = settings;
     let mut ledger = AckLedger::new();
     let mut outbox = Outbox::default();
     let mut awaiting_subacks = 0usize;
@@ -103,7 +119,7 @@ pub async fn run_intake(
                 }
             }
             Some((device, json)) = alerts.recv() => {
-                let prefix = &config.analytics.alert_topic_prefix;
+                let prefix = &alert_topic_prefix;
                 if !prefix.is_empty() {
                     if outbox.alerts >= MAX_WAITING_ALERTS {
                         metrics.alerts_unpublished.fetch_add(1, Relaxed);

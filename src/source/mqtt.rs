@@ -16,15 +16,15 @@ use rumqttc::{Packet as Packet4, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::ledger::PendingAck;
+use super::settings::{MqttConfig, Protocol};
 use super::SourceEvent;
-use crate::config::{Config, Protocol};
-use crate::sink::ledger::PendingAck;
 
 /// Errors of the client handle.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Config(#[from] crate::settings::Invalid),
     #[error("mqtt client request failed: {0}")]
     Client(String),
     #[error("mqtt TLS settings: {0}")]
@@ -114,12 +114,11 @@ impl MqttClient {
 /// # Errors
 /// When `mqtt.url` is invalid.
 pub fn start(
-    config: &Config,
+    m: &MqttConfig,
     events: mpsc::Sender<SourceEvent>,
     stop: CancellationToken,
 ) -> Result<MqttClient, MqttError> {
-    let addr = config.broker_addr()?;
-    let m = &config.mqtt;
+    let addr = m.broker_addr()?;
     let backoff = Backoff::new(
         Duration::from_millis(m.reconnect_min_ms),
         Duration::from_millis(m.reconnect_max_ms),
@@ -143,7 +142,7 @@ pub fn start(
     fn max_packet_bytes(max_payload: usize) -> usize {
         max_payload.saturating_mul(4).saturating_add(1024)
     }
-    let password = config.mqtt_password()?;
+    let password = m.password()?;
     let credentials =
         (!m.username.is_empty()).then(|| (m.username.clone(), password.unwrap_or_default()));
     match m.protocol {

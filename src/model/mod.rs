@@ -5,6 +5,8 @@
 //! edges: SenML seconds and native milliseconds on the way in, PostgreSQL's
 //! 2000-01-01 epoch on the way out.
 
+pub mod seq_window;
+
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
