@@ -1,4 +1,5 @@
 //! edge-gateway: MQTT in, time-partitioned PostgreSQL out, nothing lost.
+pub mod alerts;
 pub mod analytics;
 pub mod config;
 pub mod decode;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertNotice;
 use crate::config::Config;
 use crate::model::seq_window::SeqWindow;
 use crate::model::{now_micros, MICROS_PER_DAY, MICROS_PER_SEC};
@@ -436,7 +437,7 @@ fn writer_context(
     partitions: &Arc<Partitions>,
     metrics: &Arc<Metrics>,
     shutdown: CancellationToken,
-    alerts: Option<mpsc::UnboundedSender<(Arc<str>, String)>>,
+    alerts: Option<mpsc::UnboundedSender<AlertNotice>>,
 ) -> Arc<writer::WriterContext> {
     Arc::new(writer::WriterContext {
         db: pg.clone(),

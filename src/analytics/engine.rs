@@ -4,14 +4,17 @@
 //! no I/O: alerts and rollups come out as rows for the batch.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use super::anomaly::{AnomalyConfig, Detector};
-use super::rules::{Kind, RuleConfig, RuleState, Sequence, Silence, Transition};
+use super::rules::{Kind, RuleConfig, RuleState, Sequence, Silence, State};
 use super::window::{Layout, Reorder, Windows};
+use crate::alerts::finite;
+pub use crate::alerts::Alert;
+pub use crate::model::Rollup;
 use crate::model::{Micros, MICROS_PER_SEC};
 
 /// `[analytics]`: what the shard workers compute.
@@ -55,78 +58,6 @@ impl Default for AnalyticsConfig {
             series_idle_secs: 3600,
         }
     }
-}
-
-/// One alert transition.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Alert {
-    pub time: Micros,
-    pub device: Arc<str>,
-    pub metric: String,
-    pub rule: String,
-    /// "raised" or "cleared".
-    pub state: &'static str,
-    pub value: Option<f64>,
-    /// JSON object with context (window statistics, score, ...).
-    pub detail: String,
-}
-
-impl Alert {
-    /// The JSON sent on NOTIFY and MQTT, always under [`MAX_NOTIFY_BYTES`]:
-    /// when the detail would pass it, the detail is left out and
-    /// `"truncated": true` says so (the `alerts` table keeps all of it).
-    pub fn to_json(&self) -> String {
-        let full = self.json_with(&self.detail);
-        if full.len() <= MAX_NOTIFY_BYTES {
-            return full;
-        }
-        let short = self.json_with("{\"truncated\":true}");
-        if short.len() <= MAX_NOTIFY_BYTES {
-            return short;
-        }
-        // Names are bounded by `[limits]`, so this is a last resort.
-        format!(
-            "{{\"time\":\"{}\",\"state\":\"{}\",\"truncated\":true}}",
-            crate::model::format_rfc3339(self.time),
-            self.state
-        )
-    }
-
-    fn json_with(&self, detail: &str) -> String {
-        let mut s = String::with_capacity(160 + detail.len());
-        let _ = write!(
-            s,
-            "{{\"time\":\"{}\",\"device_id\":{},\"metric\":{},\"rule\":{},\"state\":\"{}\",\"value\":{},\"detail\":{}}}",
-            crate::model::format_rfc3339(self.time),
-            json_string(&self.device),
-            json_string(&self.metric),
-            json_string(&self.rule),
-            self.state,
-            self.value.filter(|v| v.is_finite()).map_or("null".to_string(), |v| v.to_string()),
-            detail
-        );
-        s
-    }
-}
-
-/// Largest alert JSON sent: PostgreSQL's NOTIFY refuses payloads of 8,000
-/// bytes or more.
-pub const MAX_NOTIFY_BYTES: usize = 7_900;
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// One finished one-minute bucket of a series.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollup {
-    pub bucket: Micros,
-    pub device: Arc<str>,
-    pub metric: String,
-    pub count: i64,
-    pub min: f64,
-    pub max: f64,
-    pub sum: f64,
 }
 
 /// What analytics produced for a batch.
@@ -522,12 +453,7 @@ impl Analytics {
         let old = std::mem::replace(&mut self.rules, rules);
         let new = &self.rules;
         let carry = |i: usize| new.iter().position(|r| Some(r) == old.get(i));
-        let closed = |name: &str| {
-            format!(
-                "{{\"reason\":\"rule {} changed or removed\"}}",
-                name.replace('"', "")
-            )
-        };
+        let closed = |name: &str| json!({ "reason": format!("rule {name} changed or removed") });
         for (device, state) in &mut self.devices {
             for series in &mut state.series {
                 let metric = &*series.metric;
@@ -543,7 +469,7 @@ impl Analytics {
                                 device,
                                 metric,
                                 name,
-                                Transition::Cleared,
+                                State::Cleared,
                                 None,
                                 closed(name),
                             ));
@@ -576,7 +502,7 @@ impl Analytics {
                         device,
                         "",
                         name,
-                        Transition::Cleared,
+                        State::Cleared,
                         None,
                         closed(name),
                     ));
@@ -665,7 +591,7 @@ impl Analytics {
             for (i, s) in &mut state.silence {
                 let rule = &self.rules[*i];
                 if let Some(tr) = s.tick(rule, now) {
-                    let detail = format!("{{\"silent_for_secs\":{}}}", rule.for_secs);
+                    let detail = json!({ "silent_for_secs": rule.for_secs });
                     out.alerts
                         .push(alert(now, device, "", &rule.name, tr, None, detail));
                 }
@@ -702,17 +628,16 @@ fn run_released(
         for (i, seq) in sequences.iter_mut() {
             let rule = &ctx.rules[*i];
             if seq.raised(rule, &name, t) {
-                let detail = format!(
-                    "{{\"first\":{},\"then\":{}}}",
-                    json_string(rule.first.as_deref().unwrap_or("")),
-                    json_string(&name)
-                );
+                let detail = json!({
+                    "first": rule.first.as_deref().unwrap_or(""),
+                    "then": name,
+                });
                 out.alerts.push(alert(
                     t,
                     device,
                     metric,
                     &rule.name,
-                    Transition::Raised,
+                    State::Raised,
                     None,
                     detail.clone(),
                 ));
@@ -721,7 +646,7 @@ fn run_released(
                     device,
                     metric,
                     &rule.name,
-                    Transition::Cleared,
+                    State::Cleared,
                     None,
                     detail,
                 ));
@@ -735,16 +660,16 @@ fn alert(
     device: &Arc<str>,
     metric: &str,
     rule: &str,
-    tr: Transition,
+    tr: State,
     value: Option<f64>,
-    detail: String,
+    detail: Value,
 ) -> Alert {
     Alert {
         time,
         device: device.clone(),
         metric: metric.to_string(),
         rule: rule.to_string(),
-        state: tr.as_str(),
+        state: tr,
         value,
         detail,
     }
@@ -775,23 +700,24 @@ fn step(
     for state in rules.iter_mut() {
         let rule = &ctx.rules[state.rule()];
         if let Some(tr) = state.update(rule, t, v, score) {
-            let mut detail = format!("{{\"score\":{score:.4}");
+            let mut detail = serde_json::Map::new();
+            detail.insert("score".into(), finite((score * 1e4).round() / 1e4));
             for i in 0..ctx.layout.len() {
                 if let Some(s) = windows.stats(ctx.layout, i) {
-                    let _ = write!(
-                        detail,
-                        ",\"window_{}s\":{{\"count\":{},\"mean\":{},\"min\":{},\"max\":{},\"std\":{}}}",
-                        ctx.layout.duration(i) / MICROS_PER_SEC,
-                        s.count,
-                        finite(s.mean),
-                        finite(s.min),
-                        finite(s.max),
-                        finite(s.std)
+                    detail.insert(
+                        format!("window_{}s", ctx.layout.duration(i) / MICROS_PER_SEC),
+                        json!({
+                            "count": s.count,
+                            "mean": finite(s.mean),
+                            "min": finite(s.min),
+                            "max": finite(s.max),
+                            "std": finite(s.std),
+                        }),
                     );
                 }
             }
-            detail.push('}');
-            if tr == Transition::Raised {
+            let detail = Value::Object(detail);
+            if tr == State::Raised {
                 raised.push((rule.name.clone(), t));
             }
             out.alerts
@@ -803,14 +729,6 @@ fn step(
             out.rollups.extend(minute.take(previous, device, metric));
         }
         minute.add(v);
-    }
-}
-
-fn finite(v: f64) -> String {
-    if v.is_finite() {
-        v.to_string()
-    } else {
-        "null".into()
     }
 }
 
@@ -933,7 +851,7 @@ mod tests {
         let got: Vec<(&str, &str)> = out
             .alerts
             .iter()
-            .map(|x| (x.rule.as_str(), x.state))
+            .map(|x| (x.rule.as_str(), x.state.as_str()))
             .collect();
         assert_eq!(
             got,
@@ -946,7 +864,7 @@ mod tests {
                 ("cold", "cleared"),
             ]
         );
-        assert!(out.alerts[0].detail.contains("\"window_60s\""));
+        assert!(out.alerts[0].detail.get("window_60s").is_some());
         // Two finished minutes: [0, 60) and [60, 120).
         assert_eq!(out.rollups.len(), 2);
         assert_eq!((out.rollups[0].count, out.rollups[0].max), (3, 32.0));
@@ -956,7 +874,7 @@ mod tests {
             quiet
                 .alerts
                 .iter()
-                .map(|x| (x.rule.as_str(), x.state))
+                .map(|x| (x.rule.as_str(), x.state.as_str()))
                 .collect::<Vec<_>>(),
             vec![("quiet", "raised")]
         );
@@ -965,26 +883,6 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&json).is_ok(),
             "{json}"
         );
-    }
-
-    #[test]
-    fn alert_json_stays_under_the_notify_limit() {
-        let mut alert = Alert {
-            time: 0,
-            device: Arc::from("d"),
-            metric: "m".into(),
-            rule: "r".into(),
-            state: "raised",
-            value: Some(1.0),
-            detail: "{\"k\":1}".into(),
-        };
-        assert!(alert.to_json().contains("\"k\":1"));
-        alert.detail = format!("{{\"k\":\"{}\"}}", "x".repeat(10_000));
-        let json = alert.to_json();
-        assert!(json.len() <= MAX_NOTIFY_BYTES, "{}", json.len());
-        assert!(json.contains("\"truncated\":true") && json.contains("\"device_id\":\"d\""));
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-        assert_eq!(v["state"], "raised");
     }
 
     /// Series idle past `series_idle_secs` are evicted at the tick with

@@ -14,6 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::alerts::State;
 use crate::model::{Micros, MICROS_PER_SEC};
 use crate::settings::Invalid;
 
@@ -153,22 +154,6 @@ impl RuleConfig {
     }
 }
 
-/// Raised or cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    Raised,
-    Cleared,
-}
-
-impl Transition {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transition::Raised => "raised",
-            Transition::Cleared => "cleared",
-        }
-    }
-}
-
 /// The state machine of one rule on one series: 32 bytes, as there is one
 /// per rule and series.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,13 +200,7 @@ impl RuleState {
 
     /// Feeds one reading (and the detector's score); returns a transition
     /// when the alert is raised or cleared.
-    pub fn update(
-        &mut self,
-        rule: &RuleConfig,
-        t: Micros,
-        v: f64,
-        score: f64,
-    ) -> Option<Transition> {
+    pub fn update(&mut self, rule: &RuleConfig, t: Micros, v: f64, score: f64) -> Option<State> {
         let threshold = rule.threshold.unwrap_or(match rule.kind {
             Kind::Anomaly => 0.5,
             _ => 0.0,
@@ -265,7 +244,7 @@ impl RuleState {
         t: Micros,
         hold: Micros,
         clear_hold: Micros,
-    ) -> Option<Transition> {
+    ) -> Option<State> {
         let (wanted, hold) = if self.raised {
             (good, clear_hold)
         } else {
@@ -284,9 +263,9 @@ impl RuleState {
         self.raised = !self.raised;
         self.since = NONE;
         Some(if self.raised {
-            Transition::Raised
+            State::Raised
         } else {
-            Transition::Cleared
+            State::Cleared
         })
     }
 
@@ -309,9 +288,9 @@ pub struct Silence {
 
 impl Silence {
     /// A reading from the device at `t` (wall clock).
-    pub fn seen(&mut self, t: Micros) -> Option<Transition> {
+    pub fn seen(&mut self, t: Micros) -> Option<State> {
         self.last_seen = Some(self.last_seen.map_or(t, |s| s.max(t)));
-        std::mem::take(&mut self.raised).then_some(Transition::Cleared)
+        std::mem::take(&mut self.raised).then_some(State::Cleared)
     }
 
     /// True while the silence alert is raised.
@@ -320,11 +299,11 @@ impl Silence {
     }
 
     /// A clock tick at `now`.
-    pub fn tick(&mut self, rule: &RuleConfig, now: Micros) -> Option<Transition> {
+    pub fn tick(&mut self, rule: &RuleConfig, now: Micros) -> Option<State> {
         let last = self.last_seen?;
         if !self.raised && now - last >= secs(rule.for_secs) {
             self.raised = true;
-            return Some(Transition::Raised);
+            return Some(State::Raised);
         }
         None
     }
@@ -406,7 +385,7 @@ mod tests {
                     events.push(tr);
                 }
             }
-            prop_assert_eq!(events, vec![Transition::Raised, Transition::Cleared]);
+            prop_assert_eq!(events, vec![State::Raised, State::Cleared]);
         }
     }
 
@@ -427,10 +406,7 @@ mod tests {
             .iter()
             .filter_map(|&(t, v)| s.update(&r, t * S, v, 0.0).map(|x| (t, x)))
             .collect();
-        assert_eq!(
-            got,
-            vec![(10, Transition::Raised), (11, Transition::Cleared)]
-        );
+        assert_eq!(got, vec![(10, State::Raised), (11, State::Cleared)]);
     }
 
     #[test]
@@ -442,7 +418,7 @@ mod tests {
             .enumerate()
             .filter_map(|(i, &v)| s.update(&below, i as Micros * S, v, 0.0))
             .collect();
-        assert_eq!(seq, vec![Transition::Raised, Transition::Cleared]);
+        assert_eq!(seq, vec![State::Raised, State::Cleared]);
 
         let rate = rule(Kind::Rate, 2.0, None, 0.0);
         let mut s = RuleState::new(0);
@@ -451,7 +427,7 @@ mod tests {
             .enumerate()
             .filter_map(|(i, &v)| s.update(&rate, i as Micros * S, v, 0.0))
             .collect();
-        assert_eq!(seq, vec![Transition::Raised, Transition::Cleared]);
+        assert_eq!(seq, vec![State::Raised, State::Cleared]);
 
         let stuck = rule(Kind::Stuck, 0.0, None, 10.0);
         let mut s = RuleState::new(0);
@@ -459,10 +435,7 @@ mod tests {
             .iter()
             .filter_map(|&(t, v)| s.update(&stuck, t * S, v, 0.0).map(|x| (t, x)))
             .collect();
-        assert_eq!(
-            seq,
-            vec![(10, Transition::Raised), (13, Transition::Cleared)]
-        );
+        assert_eq!(seq, vec![(10, State::Raised), (13, State::Cleared)]);
 
         let anomaly = RuleConfig {
             threshold: None,
@@ -474,7 +447,7 @@ mod tests {
             .enumerate()
             .filter_map(|(i, &p)| s.update(&anomaly, i as Micros * S, 1.0, p))
             .collect();
-        assert_eq!(seq, vec![Transition::Raised, Transition::Cleared]);
+        assert_eq!(seq, vec![State::Raised, State::Cleared]);
     }
 
     #[test]
@@ -491,9 +464,9 @@ mod tests {
         );
         assert_eq!(s.seen(0), None);
         assert_eq!(s.tick(&silence, 29 * S), None);
-        assert_eq!(s.tick(&silence, 30 * S), Some(Transition::Raised));
+        assert_eq!(s.tick(&silence, 30 * S), Some(State::Raised));
         assert_eq!(s.tick(&silence, 40 * S), None);
-        assert_eq!(s.seen(41 * S), Some(Transition::Cleared));
+        assert_eq!(s.seen(41 * S), Some(State::Cleared));
 
         let seq = RuleConfig {
             kind: Kind::Sequence,

@@ -226,6 +226,18 @@ pub fn format_rfc3339(t: Micros) -> String {
     )
 }
 
+/// One finished one-minute bucket of a series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub bucket: Micros,
+    pub device: Arc<str>,
+    pub metric: String,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

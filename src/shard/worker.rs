@@ -233,7 +233,8 @@ impl Worker {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.config.flush_interval);
         }
-        self.batch.push_analytics(o);
+        self.batch.push_alerts(o.alerts.drain(..));
+        self.batch.push_rollups(o.rollups.drain(..));
     }
 
     /// Runs until the shard is closed and drained; the last batch is flushed.

@@ -16,8 +16,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::copy::{RowBuffer, HEADER};
 use super::settings::PartitionInterval;
+use crate::alerts::{Alert, AlertNotice};
 use crate::model::seq_window::SeqWindow;
-use crate::model::{Micros, Reading, Reason, Value};
+use crate::model::{Micros, Reading, Reason, Rollup, Value};
 
 /// Columns of `readings` in COPY order.
 pub const READINGS_COLUMNS: &str = "time, device_id, metric, value, unit, vs, vb, vd, sum";
@@ -66,7 +67,7 @@ pub struct Batch {
     oldest_received: Option<Micros>,
     alerts: RowBuffer,
     rollups: RowBuffer,
-    notifications: Vec<(Arc<str>, String)>,
+    notifications: Vec<AlertNotice>,
 }
 
 /// A batch ready for the writers: immutable bytes, cheap to retry.
@@ -88,7 +89,7 @@ pub struct SealedBatch {
     pub rollup_rows: usize,
     /// Each alert's device and JSON: sent with NOTIFY in the transaction and
     /// published to MQTT after the commit.
-    pub notifications: Vec<(Arc<str>, String)>,
+    pub notifications: Vec<AlertNotice>,
 }
 
 impl Batch {
@@ -116,21 +117,25 @@ impl Batch {
         self.messages.is_empty() && self.alerts.is_empty() && self.rollups.is_empty()
     }
 
-    /// Moves alerts and finished rollups from `out` into the batch.
-    pub fn push_analytics(&mut self, out: &mut crate::analytics::engine::Outputs) {
-        for a in out.alerts.drain(..) {
+    /// Adds alert rows, each with the notice told once it is committed.
+    pub fn push_alerts(&mut self, alerts: impl IntoIterator<Item = Alert>) {
+        for a in alerts {
             self.alerts
                 .row(7)
                 .timestamptz(a.time)
                 .text(&a.device)
                 .text(&a.metric)
                 .text(&a.rule)
-                .text(a.state)
+                .text(a.state.as_str())
                 .opt_float8(a.value)
-                .jsonb(&a.detail);
-            self.notifications.push((a.device.clone(), a.to_json()));
+                .jsonb(&a.detail_text());
+            self.notifications.push(a.notice());
         }
-        for r in out.rollups.drain(..) {
+    }
+
+    /// Adds finished one-minute rollups.
+    pub fn push_rollups(&mut self, rollups: impl IntoIterator<Item = Rollup>) {
+        for r in rollups {
             self.rollups
                 .row(7)
                 .timestamptz(r.bucket)
@@ -399,9 +404,9 @@ impl SealedBatch {
         put_bytes(&mut b, &self.rollups);
         b.put_u64(self.rollup_rows as u64);
         b.put_u32(self.notifications.len() as u32);
-        for (device, json) in &self.notifications {
-            put_bytes(&mut b, device.as_bytes());
-            put_bytes(&mut b, json.as_bytes());
+        for n in &self.notifications {
+            put_bytes(&mut b, n.device.as_bytes());
+            put_bytes(&mut b, n.json.as_bytes());
         }
         b.to_vec()
     }
@@ -494,7 +499,8 @@ impl SealedBatch {
         let mut notifications = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {
             let device: Arc<str> = Arc::from(std::str::from_utf8(get_bytes(b)?).ok()?);
-            notifications.push((device, std::str::from_utf8(get_bytes(b)?).ok()?.to_string()));
+            let json = std::str::from_utf8(get_bytes(b)?).ok()?.to_string();
+            notifications.push(AlertNotice { device, json });
         }
         if !b.is_empty() {
             return None;

@@ -22,6 +22,7 @@ use super::batch::{
 use super::connection::{describe, is_permanent, Db};
 use super::copy::{select_rows, split_rows, RowBuffer};
 use super::partitions::Partitions;
+use crate::alerts::AlertNotice;
 use crate::model::seq_window::SeqWindow;
 use crate::model::{now_micros, Reason};
 use crate::telemetry::Metrics;
@@ -39,7 +40,7 @@ pub struct WriterContext {
     /// NOTIFY channel for alerts; empty for none.
     pub notify_channel: String,
     /// Committed alerts (device, JSON) for the MQTT alert topic.
-    pub alerts: Option<mpsc::UnboundedSender<(Arc<str>, String)>>,
+    pub alerts: Option<mpsc::UnboundedSender<AlertNotice>>,
 }
 
 async fn copy(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, tokio_postgres::Error> {
@@ -290,7 +291,7 @@ pub async fn commit(
     let notices: Vec<&str> = batch
         .notifications
         .iter()
-        .map(|(_, json)| json.as_str())
+        .map(|n| n.json.as_str())
         .collect();
     if !isolate {
         let all: Vec<&MessageEntry> = batch.messages.iter().collect();

@@ -476,7 +476,10 @@ mod tests {
             alert_rows: 1,
             rollups: Bytes::new(),
             rollup_rows: 0,
-            notifications: vec![(Arc::from("d"), "{\"a\":1}".into())],
+            notifications: vec![crate::alerts::AlertNotice {
+                device: Arc::from("d"),
+                json: "{\"a\":1}".into(),
+            }],
         }
     }
 

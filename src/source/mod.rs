@@ -28,6 +28,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertNotice;
 use crate::model::{now_micros, Message};
 use crate::shard::Router;
 use crate::telemetry::Metrics;
@@ -62,7 +63,7 @@ pub struct IntakeInputs {
     /// Ledger ids of committed (or spooled) messages, from the writers.
     pub done: mpsc::UnboundedReceiver<Vec<u64>>,
     /// Committed alerts (device, JSON) to publish on the alert topic.
-    pub alerts: mpsc::UnboundedReceiver<(Arc<str>, String)>,
+    pub alerts: mpsc::UnboundedReceiver<AlertNotice>,
 }
 
 /// What intake needs of the settings.
@@ -118,14 +119,13 @@ pub async fn run_intake(
                     blocked = router.try_push(message).err();
                 }
             }
-            Some((device, json)) = alerts.recv() => {
-                let prefix = &alert_topic_prefix;
-                if !prefix.is_empty() {
+            Some(notice) = alerts.recv() => {
+                if let Some(topic) = notice.topic(&alert_topic_prefix) {
                     if outbox.alerts >= MAX_WAITING_ALERTS {
                         metrics.alerts_unpublished.fetch_add(1, Relaxed);
                         tracing::warn!("alert not published to MQTT, too many waiting (it is in the alerts table)");
                     } else {
-                        outbox.push(Request::Alert(format!("{prefix}{device}"), json));
+                        outbox.push(Request::Alert(topic, notice.json));
                         outbox.send(&mut ledger, &client, &metrics);
                     }
                 }

@@ -111,12 +111,12 @@ impl Metrics {
     }
 
     /// Counts one alert transition of `rule` (alerts are rare: a lock is fine).
-    pub fn alert(&self, rule: &str, state: &'static str) {
+    pub fn alert(&self, rule: &str, state: crate::alerts::State) {
         let mut map = self
             .alerts_by_rule
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        *map.entry((rule.to_string(), state)).or_insert(0) += 1;
+        *map.entry((rule.to_string(), state.as_str())).or_insert(0) += 1;
     }
 
     /// Dead letters counted so far, all reasons.
