@@ -6,4 +6,5 @@
 pub mod anomaly;
 pub mod engine;
 pub mod rules;
+mod series;
 pub mod window;

@@ -63,7 +63,10 @@ impl BatchIds {
     }
 
     pub fn next(&self) -> BatchId {
-        (self.run, self.next.fetch_add(1, Relaxed))
+        BatchId {
+            run: self.run,
+            seq: self.next.fetch_add(1, Relaxed),
+        }
     }
 }
 

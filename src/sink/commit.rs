@@ -277,7 +277,7 @@ pub async fn commit(
             &format!(
                 "INSERT INTO {s}.applied_batches (run, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING"
             ),
-            &[&batch.id.0, &batch.id.1],
+            &[&batch.id.run, &batch.id.seq],
         )
         .await?;
     if fresh == 0 {

@@ -10,18 +10,16 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::alerts::AlertNotice;
 use crate::config::Config;
-use crate::model::seq_window::SeqWindow;
-use crate::model::{now_micros, MICROS_PER_DAY, MICROS_PER_SEC};
-use crate::shard::dedup::Dedup;
 use crate::shard::worker::{BatchIds, Worker, WorkerConfig};
-use crate::shard::{shard_of, Router};
+use crate::shard::Router;
 use crate::sink::partitions::Partitions;
-use crate::sink::spool::{self, Spool, SpoolError};
-use crate::sink::{connection, schema, writer};
+use crate::sink::spool::SpoolError;
+use crate::sink::{connection, maintenance, schema, writer};
 use crate::source;
 use crate::telemetry::{http, Metrics};
+
+mod startup;
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -75,96 +73,23 @@ fn describe_end(ended: Ended) -> String {
 }
 
 /// Creates the schema and the partitions around now, and drops partitions
-/// past retention.
+/// past retention (`edge-gateway migrate`).
 ///
 /// # Errors
-/// Any database error.
+/// Settings or database errors.
 pub async fn migrate(config: &Config, partitions: &Partitions) -> Result<(), PipelineError> {
-    let mut client = connection::connect(&connection::Db::new(&config.database)?).await?;
-    schema::create(&mut client, &config.database.schema).await?;
-    let distributed = schema::distribute(
-        &client,
-        &config.database.schema,
-        config.database.citus_shard_count,
-    )
-    .await?;
-    if !distributed.is_empty() {
-        tracing::info!(tables = ?distributed, "Citus: distributed by device_id, co-located");
-    }
-    if !config.database.publication.is_empty() {
-        schema::create_publication(
-            &client,
-            &config.database.schema,
-            &config.database.publication,
-        )
-        .await?;
-    }
-    maintain(&mut client, config, partitions).await?;
+    let db = connection::Db::new(&config.database)?;
+    maintenance::migrate(&db, &housekeeping(config), partitions).await?;
     Ok(())
 }
 
-async fn maintain(
-    client: &mut tokio_postgres::Client,
-    config: &Config,
-    partitions: &Partitions,
-) -> Result<(), tokio_postgres::Error> {
-    let now = now_micros();
-    let created = partitions
-        .create_ahead(client, now, config.database.partitions_ahead)
-        .await?;
-    let cutoff = now - i64::from(config.database.retention_days) * MICROS_PER_DAY;
-    let dropped = partitions.drop_before(client, cutoff).await?;
-    let horizon = format!("{} seconds", config.dedup.horizon_secs);
-    let s = &config.database.schema;
-    client
-        .execute(
-            &format!("DELETE FROM {s}.message_ids WHERE received_at < now() - $1::text::interval"),
-            &[&horizon],
-        )
-        .await?;
-    client
-        .execute(
-            &format!(
-                "DELETE FROM {s}.applied_batches WHERE applied_at < now() - $1::text::interval"
-            ),
-            &[&horizon],
-        )
-        .await?;
-    // Sequence windows of devices silent past the horizon: the workers
-    // evict them from memory after the same time.
-    let pruned = client
-        .execute(
-            &format!(
-                "DELETE FROM {s}.device_watermarks WHERE updated_at < now() - $1::text::interval"
-            ),
-            &[&horizon],
-        )
-        .await?;
-    let r = &config.retention;
-    let mut expired = 0;
-    for (table, column, days) in [
-        ("dead_letters", "received_at", r.dead_letters_days),
-        ("alerts", "time", r.alerts_days),
-        ("rollups_1m", "bucket", r.rollups_days),
-    ] {
-        if days == 0 {
-            continue;
-        }
-        let sql =
-            format!("DELETE FROM {s}.{table} WHERE {column} < now() - $1::int4 * interval '1 day'");
-        // Retention is housekeeping: a refusal (a role without DELETE, a
-        // publication that needs a replica identity) is reported, not fatal.
-        match client.execute(&sql, &[&(days as i32)]).await {
-            Ok(n) => expired += n,
-            Err(e) => {
-                tracing::warn!(table, error = %connection::describe(&e), "retention delete failed")
-            }
-        }
+/// What the database's housekeeping needs of the settings.
+fn housekeeping(config: &Config) -> maintenance::Housekeeping {
+    maintenance::Housekeeping {
+        database: config.database.clone(),
+        retention: config.retention.clone(),
+        dedup_horizon_secs: config.dedup.horizon_secs,
     }
-    if created > 0 || !dropped.is_empty() || pruned > 0 || expired > 0 {
-        tracing::info!(created, dropped = ?dropped, watermarks_pruned = pruned, rows_expired = expired, "maintenance done");
-    }
-    Ok(())
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
@@ -230,24 +155,13 @@ async fn run_inner(
         &config.database.schema,
         config.database.partition,
     ));
-    let mut delay = Duration::from_millis(config.database.retry_min_ms);
-    loop {
-        match migrate(&config, &partitions).await {
-            Ok(()) => break,
-            Err(PipelineError::Database(e)) => {
-                tracing::warn!(error = %connection::describe(&e), retry_in_ms = delay.as_millis() as u64, "database not ready; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(other) => return Err(other),
-        }
+    let pg = connection::Db::new(&config.database)?;
+    let housekeeping = housekeeping(&config);
+    if !startup::migrate(&pg, &housekeeping, &partitions, &shutdown).await {
+        return Ok(());
     }
     metrics.db_connected.store(true, Relaxed);
 
-    let pg = connection::Db::new(&config.database)?;
     let router = Arc::new(Router::new(
         config.shard_count(),
         config.pipeline.ring_capacity,
@@ -259,9 +173,9 @@ async fn run_inner(
         let client = connection::connect(&pg).await?;
         schema::identity(&client, &config.database.schema).await?
     };
-    let spools = open_spools(&config, writers, &owner, &metrics)?;
-    let dedups = load_dedup(&config, &pg, shards, &spools).await?;
-    replay_orphan_spools(&config, writers, &owner, &pg, &partitions, &metrics).await?;
+    let spools = startup::open_spools(&config, writers, &owner, &metrics)?;
+    let dedups = startup::load_dedup(&config, &pg, shards, &spools).await?;
+    startup::replay_orphan_spools(&config, writers, &owner, &pg, &partitions, &metrics).await?;
 
     // Cancelled by the caller's shutdown, or here when a stage fails: then
     // intake stops and the rest drains as for a shutdown.
@@ -270,7 +184,7 @@ async fn run_inner(
     let mut stages: tokio::task::JoinSet<(Stage, Result<(), String>)> = tokio::task::JoinSet::new();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (alert_tx, alert_rx) = mpsc::unbounded_channel();
-    let ctx = writer_context(
+    let ctx = startup::writer_context(
         &config,
         &pg,
         &partitions,
@@ -322,8 +236,9 @@ async fn run_inner(
     }
     drop(queues);
 
-    tokio::spawn(maintenance(
-        config.clone(),
+    tokio::spawn(maintenance::run(
+        pg.clone(),
+        housekeeping,
         partitions.clone(),
         background.clone(),
     ));
@@ -429,213 +344,6 @@ async fn run_inner(
         return Err(PipelineError::StageFailed(why));
     }
     Ok(())
-}
-
-fn writer_context(
-    config: &Config,
-    pg: &connection::Db,
-    partitions: &Arc<Partitions>,
-    metrics: &Arc<Metrics>,
-    shutdown: CancellationToken,
-    alerts: Option<mpsc::UnboundedSender<AlertNotice>>,
-) -> Arc<writer::WriterContext> {
-    Arc::new(writer::WriterContext {
-        db: pg.clone(),
-        schema: config.database.schema.clone(),
-        partitions: partitions.clone(),
-        metrics: metrics.clone(),
-        retry_min: Duration::from_millis(config.database.retry_min_ms),
-        shutdown,
-        notify_channel: config.analytics.notify_channel.clone(),
-        alerts,
-    })
-}
-
-fn spool_dir(config: &Config, writer: usize) -> std::path::PathBuf {
-    std::path::Path::new(&config.spool.dir).join(format!("writer-{writer}"))
-}
-
-/// Claims a spool directory for the database `owner`, reporting a spool
-/// of another database that was set aside.
-fn claim_spool(dir: &std::path::Path, owner: &str, metrics: &Metrics) -> Result<(), PipelineError> {
-    match spool::claim(dir, owner)? {
-        spool::Claim::Foreign {
-            owner: other,
-            moved_to,
-        } => {
-            metrics.spool_foreign.fetch_add(1, Relaxed);
-            tracing::error!(
-                spool = %dir.display(), moved_to = %moved_to.display(), belongs_to = %other, database = %owner,
-                "spool of another database set aside, not replayed; replay it against its own database"
-            );
-        }
-        spool::Claim::Legacy => {
-            tracing::warn!(spool = %dir.display(), database = %owner, "spool from before spools recorded their database; replaying it into this one");
-        }
-        spool::Claim::Fresh | spool::Claim::Same => {}
-    }
-    Ok(())
-}
-
-/// Opens each writer's spool, reporting what recovery found.
-fn open_spools(
-    config: &Config,
-    writers: usize,
-    owner: &str,
-    metrics: &Metrics,
-) -> Result<Vec<Spool>, PipelineError> {
-    let per_writer = config.spool.max_bytes / writers as u64;
-    (0..writers)
-        .map(|w| {
-            let dir = spool_dir(config, w);
-            claim_spool(&dir, owner, metrics)?;
-            let (spool, recovery) = Spool::open(&dir, per_writer, config.spool.segment_bytes.min(per_writer))?;
-            for file in &recovery.corrupt {
-                metrics.spool_corrupt_files.fetch_add(1, Relaxed);
-                tracing::error!(%file, "torn or corrupt spool data set aside; it is not replayed (its messages were never acknowledged)");
-            }
-            if recovery.records > 0 {
-                tracing::info!(writer = w, batches = recovery.records, "spool holds batches from before; replaying first");
-            }
-            Ok(spool)
-        })
-        .collect()
-}
-
-/// Replays spools of writers that no longer exist (the writer count was
-/// lowered), before anything new is written.
-async fn replay_orphan_spools(
-    config: &Config,
-    writers: usize,
-    owner: &str,
-    pg: &connection::Db,
-    partitions: &Arc<Partitions>,
-    metrics: &Arc<Metrics>,
-) -> Result<(), PipelineError> {
-    let mut w = writers;
-    while spool_dir(config, w).is_dir() {
-        claim_spool(&spool_dir(config, w), owner, metrics)?;
-        let (spool, _) = Spool::open(&spool_dir(config, w), u64::MAX, config.spool.segment_bytes)?;
-        if !spool.is_empty() {
-            tracing::info!(
-                writer = w,
-                batches = spool.pending(),
-                "replaying the spool of a former writer"
-            );
-            let ctx = writer_context(
-                config,
-                pg,
-                partitions,
-                metrics,
-                CancellationToken::new(),
-                None,
-            );
-            let (tx, rx) = mpsc::channel(1);
-            drop(tx);
-            let (done, _) = mpsc::unbounded_channel();
-            let health = Arc::new(writer::WriterHealth::default());
-            let stall = Duration::from_secs(config.pipeline.stall_secs);
-            if let Err(e) = writer::run(w, ctx, rx, done, spool, health, stall).await {
-                return Err(PipelineError::StageFailed(e.to_string()));
-            }
-        }
-        w += 1;
-    }
-    Ok(())
-}
-
-/// Loads each shard's dedup state: sequence windows and recent identities
-/// from the database, then what waits in the spools (newer still).
-async fn load_dedup(
-    config: &Config,
-    pg: &connection::Db,
-    shards: usize,
-    spools: &[Spool],
-) -> Result<Vec<Dedup>, PipelineError> {
-    let horizon = config.dedup.horizon_secs as i64 * MICROS_PER_SEC;
-    let max_devices = config.limits.max_dedup_devices.div_ceil(shards);
-    let mut dedups: Vec<Dedup> = (0..shards)
-        .map(|_| Dedup::with_max_devices(config.dedup.max_identities, horizon, max_devices))
-        .collect();
-    let s = &config.database.schema;
-    let client = connection::connect(pg).await?;
-    let mut devices = 0usize;
-    for row in client
-        .query(
-            &format!(
-                "SELECT device_id, seq, seen, boot, epoch, newest, \
-                 (extract(epoch FROM updated_at) * 1000000)::int8 FROM {s}.device_watermarks"
-            ),
-            &[],
-        )
-        .await?
-    {
-        let device: Arc<str> = Arc::from(row.get::<_, &str>(0));
-        let window = SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2))
-            .with_state(
-                row.get::<_, Option<i64>>(3).map(|b| b as u64),
-                row.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
-                row.get::<_, i64>(5),
-            );
-        let touched = row.get::<_, i64>(6);
-        dedups[shard_of(&device, shards)].restore_window(device, window, touched);
-        devices += 1;
-    }
-    let mut identities = 0usize;
-    for row in client
-        .query(
-            &format!(
-                "SELECT device_id, hash, (extract(epoch FROM received_at) * 1000000)::int8 FROM {s}.message_ids \
-                 WHERE received_at > now() - $1::int8 * interval '1 microsecond' ORDER BY received_at"
-            ),
-            &[&horizon],
-        )
-        .await?
-    {
-        let hash: &[u8] = row.get(1);
-        let Ok(bytes) = <[u8; 16]>::try_from(hash) else { continue };
-        let device: &str = row.get(0);
-        dedups[shard_of(device, shards)].restore_identity(u128::from_be_bytes(bytes), row.get(2));
-        identities += 1;
-    }
-    for spool in spools {
-        for batch in spool.pending_batches()? {
-            for (device, window) in batch.watermarks {
-                let shard = shard_of(&device, shards);
-                dedups[shard].restore_window(device, window, batch.oldest_received);
-            }
-            for m in &batch.messages {
-                if let (Some(id), Some(device)) = (m.identity, &m.device) {
-                    dedups[shard_of(device, shards)].restore_identity(id, m.received);
-                }
-            }
-        }
-    }
-    tracing::info!(devices, identities, "dedup state loaded");
-    Ok(dedups)
-}
-
-/// Creates partitions ahead and drops expired ones every ten minutes.
-async fn maintenance(config: Config, partitions: Arc<Partitions>, stop: CancellationToken) {
-    let Ok(pg) = connection::Db::new(&config.database) else {
-        return; // validated at start
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let result = async {
-            let mut client = connection::connect(&pg).await?;
-            maintain(&mut client, &config, &partitions).await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %connection::describe(&e), "partition maintenance failed; retrying later");
-        }
-    }
 }
 
 /// Updates ring and writer-stall gauges every second and logs a summary

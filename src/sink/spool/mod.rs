@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 use super::batch::SealedBatch;
 
+mod record;
+
 const MAGIC: [u8; 4] = *b"EGS1";
 const RECORD_HEADER: u64 = 12;
 
@@ -452,7 +454,7 @@ mod tests {
     fn batch(n: i64, rows: usize) -> SealedBatch {
         let readings = Bytes::from(vec![7u8; rows * 10]);
         SealedBatch {
-            id: (1, n),
+            id: crate::sink::batch::BatchId { run: 1, seq: n },
             readings: readings.clone(),
             reading_rows: rows,
             dead_letters: Bytes::from_static(b"dl"),
@@ -486,7 +488,7 @@ mod tests {
     fn drain(spool: &mut Spool) -> Vec<i64> {
         let mut ids = Vec::new();
         while let Ok(Some(b)) = spool.peek() {
-            ids.push(b.id.1);
+            ids.push(b.id.seq);
             spool.advance().unwrap_or_else(|e| panic!("{e}"));
         }
         ids
