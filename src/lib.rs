@@ -33,7 +33,7 @@
 //!
 //! - `pipeline` uses alerts, analytics, config, model, settings, shard, sink, source, telemetry
 //! - `demo` uses config, local, pipeline, sink, telemetry
-//! - `replay` uses analytics, config, model
+//! - `backtest` uses analytics, config, model
 //! - `local` uses config
 //! - `config` uses analytics, decode, model, settings, shard, sink, source
 //! - `source` uses alerts, model, settings, shard, telemetry, tls
@@ -55,13 +55,14 @@
 
 pub mod alerts;
 pub mod analytics;
+pub mod backtest;
 pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod local;
 pub mod model;
 pub mod pipeline;
-pub mod replay;
+
 pub mod settings;
 pub mod shard;
 pub mod sink;

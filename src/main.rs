@@ -1,5 +1,5 @@
 //! The `edge-gateway` binary: command line, tracing, signals. Everything
-//! else lives in the library (`edge_gateway::pipeline::run`).
+//! else lives in the library: `edge_gateway::pipeline` runs the service.
 
 use std::path::PathBuf;
 
@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(path) => load(&path)?,
                 None => Config::default(),
             };
-            let stats = edge_gateway::replay::run(&config, &input, &output)?;
+            let stats = edge_gateway::backtest::run(&config, &input, &output)?;
             eprintln!(
                 "replay: {} rows, highest score {:.3}",
                 stats.rows, stats.max_score

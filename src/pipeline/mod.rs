@@ -175,7 +175,8 @@ async fn run_inner(
     };
     let spools = startup::open_spools(&config, writers, &owner, &metrics)?;
     let dedups = startup::load_dedup(&config, &pg, shards, &spools).await?;
-    startup::replay_orphan_spools(&config, writers, &owner, &pg, &partitions, &metrics).await?;
+    startup::drain_former_writers_spools(&config, writers, &owner, &pg, &partitions, &metrics)
+        .await?;
 
     // Cancelled by the caller's shutdown, or here when a stage fails: then
     // intake stops and the rest drains as for a shutdown.

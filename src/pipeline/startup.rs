@@ -121,7 +121,7 @@ pub fn open_spools(
 
 /// Replays spools of writers that no longer exist (the writer count was
 /// lowered), before anything new is written.
-pub async fn replay_orphan_spools(
+pub async fn drain_former_writers_spools(
     config: &Config,
     writers: usize,
     owner: &str,

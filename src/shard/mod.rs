@@ -1,21 +1,20 @@
 //! Shard router and ring buffers: each device hashes to one shard; each shard
 //! is a bounded lock-free ring (crossbeam `ArrayQueue`) drained by exactly
 //! one [`worker`], which owns all state of its devices, so the hot path takes
-//! no lock. A full ring makes [`Router::push`] wait, which stops reading from
-//! the broker (backpressure); nothing is dropped.
+//! no lock. A full ring refuses [`Router::try_push`]: the intake holds that
+//! message and takes no more from the broker until it fits (backpressure);
+//! nothing is dropped.
 
 pub mod dedup;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
 
 use crate::model::Message;
-use crate::telemetry::Metrics;
 
 /// One shard's ring and its wake-up signal.
 #[derive(Debug)]
@@ -81,20 +80,6 @@ impl Router {
     /// The shards, for spawning their workers.
     pub fn shards(&self) -> &[Arc<Shard>] {
         &self.shards
-    }
-
-    /// Queues `message` on its device's shard, waiting while the ring is full.
-    pub async fn push(&self, message: Message, metrics: &Metrics) {
-        let mut message = message;
-        let mut paused = false;
-        while let Err(back) = self.try_push(message) {
-            message = back;
-            if !paused {
-                paused = true;
-                metrics.intake_paused.fetch_add(1, Ordering::Relaxed);
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
     }
 
     /// Queues `message` on its device's shard, or gives it back when the

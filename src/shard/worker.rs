@@ -472,6 +472,11 @@ mod tests {
         }
     }
 
+    /// Queues a message on its shard (the tests stay within the ring).
+    fn queue(router: &Router, m: Message) {
+        assert!(router.try_push(m).is_ok(), "ring full");
+    }
+
     fn setup(batch_rows: usize) -> (Router, Worker, mpsc::Receiver<SealedBatch>, Arc<Metrics>) {
         let config = WorkerConfig {
             batch_rows,
@@ -515,7 +520,7 @@ mod tests {
             message(5, Some("d1"), ancient.as_bytes()),
         ];
         for m in messages {
-            router.push(m, &metrics).await;
+            queue(&router, m);
         }
         router.close();
         worker.run().await;
@@ -541,12 +546,10 @@ mod tests {
     /// never let a batch fill.
     #[tokio::test(start_paused = true)]
     async fn flushes_on_interval_without_more_input() {
-        let (router, worker, mut rx, metrics) = setup(10_000);
+        let (router, worker, mut rx, _) = setup(10_000);
         let task = tokio::spawn(worker.run());
         let payload = format!(r#"{{"seq":1,"ts":{},"m":{{"a":1}}}}"#, now_micros() / 1000);
-        router
-            .push(message(7, Some("d"), payload.as_bytes()), &metrics)
-            .await;
+        queue(&router, message(7, Some("d"), payload.as_bytes()));
         let batch = rx.recv().await.expect("flushed by the interval");
         assert_eq!((batch.reading_rows, batch.message_ids()), (1, vec![7]));
         router.close();
@@ -558,14 +561,12 @@ mod tests {
     /// already queued it keeps filling.
     #[tokio::test(start_paused = true)]
     async fn sends_early_when_caught_up_and_the_writer_is_free() {
-        let (router, worker, mut rx, metrics) = setup(16);
+        let (router, worker, mut rx, _) = setup(16);
         let task = tokio::spawn(worker.run());
         let now_ms = now_micros() / 1000;
         let started = tokio::time::Instant::now();
         let payload = format!(r#"{{"seq":1,"ts":{now_ms},"m":{{"a":1,"b":2}}}}"#);
-        router
-            .push(message(1, Some("d"), payload.as_bytes()), &metrics)
-            .await;
+        queue(&router, message(1, Some("d"), payload.as_bytes()));
         let batch = rx.recv().await.expect("sent early");
         assert_eq!(batch.reading_rows, 2);
         assert!(
@@ -583,13 +584,9 @@ mod tests {
         let (router, mut worker, mut rx, metrics) = setup(1000);
         worker.dead_letters.max = 2;
         for id in 0..5 {
-            router
-                .push(message(id, Some("noisy"), b"{bad"), &metrics)
-                .await;
+            queue(&router, message(id, Some("noisy"), b"{bad"));
         }
-        router
-            .push(message(5, Some("other"), b"{bad"), &metrics)
-            .await;
+        queue(&router, message(5, Some("other"), b"{bad"));
         router.close();
         worker.run().await;
         let batch = rx.recv().await.expect("one batch");
@@ -610,13 +607,11 @@ mod tests {
     /// Batches cut between messages, never inside one.
     #[tokio::test]
     async fn batches_hold_whole_messages() {
-        let (router, worker, mut rx, metrics) = setup(3);
+        let (router, worker, mut rx, _) = setup(3);
         let now_ms = now_micros() / 1000;
         for id in 0..3 {
             let payload = format!(r#"{{"seq":{id},"ts":{now_ms},"m":{{"a":1,"b":2}}}}"#);
-            router
-                .push(message(id, Some("d"), payload.as_bytes()), &metrics)
-                .await;
+            queue(&router, message(id, Some("d"), payload.as_bytes()));
         }
         router.close();
         worker.run().await;

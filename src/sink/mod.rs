@@ -1,10 +1,13 @@
-//! Sink stage: batches of COPY rows into PostgreSQL, then the ack ledger.
+//! Sink stage: batches of COPY rows into PostgreSQL, durable before acked.
 //!
 //! Shard workers fill a [`Batch`] with rows already encoded in COPY binary
 //! format; a sealed batch goes through a bounded queue to one of K
-//! [`writer`]s, which creates missing partitions, COPYs readings and dead
-//! letters in one transaction, commits, and reports the batch's message ids
-//! to the [`ledger`] so their PUBACKs can be released in order.
+//! [`writer`]s, which commits it in one transaction ([`commit`], through a
+//! [`store`]) or, while the database is away, appends it to its [`spool`];
+//! either way the batch's message ids then go back to the intake on the
+//! `done` channel, whose ledger releases their PUBACKs in order.
+//! [`maintenance`] keeps partitions and retention, [`restore`] reads the
+//! stored dedup state back at start.
 
 pub mod batch;
 pub mod commit;

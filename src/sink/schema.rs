@@ -1,7 +1,7 @@
 //! The PostgreSQL schema: created by `migrate` and on every start
 //! (idempotent), under an advisory lock so several gateways may start at once.
 //!
-//! Constraints from the scaling plan (DESIGN.md): every unique index on a
+//! Constraints from the scaling plan (deploy/SCALING.md): every unique index on a
 //! device table includes `device_id` (Citus distributes by it), and new
 //! partitions are created on the parent table only.
 

@@ -1,6 +1,6 @@
-//! `edge-gateway replay`: the gateway's detector over recorded
-//! `timestamp,value` rows, offline, writing `timestamp,value,anomaly_score`
-//! per row, for backtesting and for scoring detection on labelled data.
+//! Backtesting the detector (the `edge-gateway replay` command): the
+//! gateway's detector over recorded `timestamp,value` rows, offline, writing
+//! `timestamp,value,anomaly_score` per row, for scoring detection on labelled data.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
@@ -9,9 +9,9 @@ use crate::analytics::anomaly::Detector;
 use crate::config::Config;
 use crate::model::{days_from_civil, Micros, MICROS_PER_DAY, MICROS_PER_SEC};
 
-/// Why a replay failed.
+/// Why a backtest failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
+pub enum BacktestError {
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -56,28 +56,28 @@ pub fn parse_timestamp(s: &str) -> Option<Micros> {
 
 /// What a replay saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ReplayStats {
+pub struct BacktestStats {
     pub rows: usize,
     pub max_score: f64,
 }
 
-/// Replays `input` into `output`.
+/// Runs the detector over `input`, writing scores to `output`.
 ///
 /// # Errors
 /// I/O errors, or a row without a parsable timestamp and value.
-pub fn run(config: &Config, input: &Path, output: &Path) -> Result<ReplayStats, ReplayError> {
+pub fn run(config: &Config, input: &Path, output: &Path) -> Result<BacktestStats, BacktestError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
-        move |source| ReplayError::Io { path, source }
+        move |source| BacktestError::Io { path, source }
     };
     let reader = std::io::BufReader::new(std::fs::File::open(input).map_err(io(input))?);
     let mut out = BufWriter::new(std::fs::File::create(output).map_err(io(output))?);
     writeln!(out, "timestamp,value,anomaly_score").map_err(io(output))?;
     let mut detector = Detector::new(&config.anomaly);
-    let mut stats = ReplayStats::default();
+    let mut stats = BacktestStats::default();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io(input))?;
-        let bad = |reason: &str| ReplayError::Row {
+        let bad = |reason: &str| BacktestError::Row {
             path: input.display().to_string(),
             line: i + 1,
             reason: reason.to_string(),
