@@ -71,12 +71,10 @@ fn batches(
                     ],
                 })
                 .collect();
-            let payload = Bytes::from(edge_payload::encode(
-                format,
-                seq[d],
-                &samples,
-                &firmware_sim::unit_of,
-            ));
+            let payload = Bytes::from(
+                edge_payload::encode(format, seq[d], &samples, &firmware_sim::unit_of)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
             let device: Arc<str> = Arc::from(format!("dev-{d:04}").as_str());
             let message = Message {
                 id: (b * MESSAGES + m) as u64,

@@ -522,7 +522,8 @@ async fn burst(o: &Options, port: u16) -> Result<(u64, Instant)> {
                 .collect();
             readings += samples.iter().map(|s| s.metrics.len() as u64).sum::<u64>();
             let payload =
-                edge_payload::encode(o.format, round + 1, &samples, &firmware_sim::unit_of);
+                edge_payload::encode(o.format, round + 1, &samples, &firmware_sim::unit_of)
+                    .unwrap_or_else(|e| panic!("{e}"));
             queues[d % o.publishers].push((topic.clone(), payload.into()));
         }
     }

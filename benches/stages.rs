@@ -31,7 +31,8 @@ fn bench_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(readings));
     for format in Format::ALL {
-        let payload = edge_payload::encode(format, 1, &samples, &firmware_sim::unit_of);
+        let payload = edge_payload::encode(format, 1, &samples, &firmware_sim::unit_of)
+            .unwrap_or_else(|e| panic!("{e}"));
         group.bench_with_input(BenchmarkId::from_parameter(format), &payload, |b, p| {
             b.iter(|| decode(std::hint::black_box(p), None, 1_750_000_000_000_000))
         });
@@ -40,7 +41,8 @@ fn bench_decode(c: &mut Criterion) {
 }
 
 fn bench_copy_encode(c: &mut Criterion) {
-    let payload = edge_payload::encode(Format::NativeCbor, 1, &samples(), &firmware_sim::unit_of);
+    let payload = edge_payload::encode(Format::NativeCbor, 1, &samples(), &firmware_sim::unit_of)
+        .unwrap_or_else(|e| panic!("{e}"));
     let decoded = decode(&payload, None, 0)
         .map(|d| d.readings)
         .unwrap_or_default();
@@ -69,7 +71,8 @@ fn bench_copy_encode(c: &mut Criterion) {
 fn bench_dedup(c: &mut Criterion) {
     use edge_gateway::shard::dedup::Dedup;
     use std::sync::Arc;
-    let payload = edge_payload::encode(Format::SenmlCbor, 1, &samples(), &firmware_sim::unit_of);
+    let payload = edge_payload::encode(Format::SenmlCbor, 1, &samples(), &firmware_sim::unit_of)
+        .unwrap_or_else(|e| panic!("{e}"));
     let devices: Vec<Arc<str>> = (0..1000)
         .map(|d| Arc::from(format!("dev-{d:04}").as_str()))
         .collect();
@@ -224,12 +227,10 @@ fn bench_worker_step(c: &mut Criterion) {
         b.iter_batched(
             || {
                 seq += 1;
-                let payload = bytes::Bytes::from(edge_payload::encode(
-                    Format::NativeCbor,
-                    seq,
-                    &samples,
-                    &firmware_sim::unit_of,
-                ));
+                let payload = bytes::Bytes::from(
+                    edge_payload::encode(Format::NativeCbor, seq, &samples, &firmware_sim::unit_of)
+                        .unwrap_or_else(|e| panic!("{e}")),
+                );
                 let router = Router::new(1, 16);
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 let worker = Worker::new(

@@ -38,6 +38,8 @@ pub enum SimError {
     Broker(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot encode a payload: {0}")]
+    Encode(#[from] edge_payload::EncodeError),
     #[error("{unacked} of {published} QoS 1 messages were not acknowledged by the broker within {secs} s")]
     Unacked {
         published: u64,
@@ -684,7 +686,7 @@ pub async fn run(config: &SimConfig, stop: CancellationToken) -> Result<Summary,
             let readings: u64 = samples.iter().map(|s| s.metrics.len() as u64).sum();
             let (wire_seq, boot) = boot_and_seq(config, d, seq);
             let mut payload =
-                edge_payload::encode_with_boot(config.format, wire_seq, boot, &samples, &unit_of);
+                edge_payload::encode_with_boot(config.format, wire_seq, boot, &samples, &unit_of)?;
             let fault = faults(config, d, seq - 1);
             match fault.malformed {
                 Some(kind) => {

@@ -109,27 +109,42 @@ pub struct Sample {
     pub metrics: Vec<(String, f64)>,
 }
 
+/// Why a payload could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("CBOR: {0}")]
+    Cbor(String),
+}
+
 /// Encodes `samples` of one device as a single message in `format`.
 ///
 /// `seq` is the per-device message sequence number; only the native format
 /// carries it. `units` gives the unit of each metric by name, used by SenML.
+///
+/// # Errors
+/// The serializer's error (none is expected for plain numbers and strings).
 pub fn encode(
     format: Format,
     seq: u64,
     samples: &[Sample],
     units: &dyn Fn(&str) -> Option<&'static str>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, EncodeError> {
     encode_with_boot(format, seq, None, samples, units)
 }
 
 /// [`encode`], with the device's boot id (native formats only).
+///
+/// # Errors
+/// As [`encode`].
 pub fn encode_with_boot(
     format: Format,
     seq: u64,
     boot: Option<u64>,
     samples: &[Sample],
     units: &dyn Fn(&str) -> Option<&'static str>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, EncodeError> {
     let native = || native::NativeMessage {
         boot,
         ..native::NativeMessage::from_samples(seq, samples)

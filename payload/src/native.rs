@@ -22,7 +22,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
-use crate::Sample;
+use crate::{EncodeError, Sample};
 
 /// Metric values of one sample, in the order the device sent them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -115,15 +115,19 @@ impl NativeMessage {
 }
 
 /// Encodes as JSON.
-pub fn encode_json(message: &NativeMessage) -> Vec<u8> {
-    // Only strings, integers and floats: serialization into a Vec cannot fail.
-    serde_json::to_vec(message).unwrap_or_default()
+///
+/// # Errors
+/// The serializer's error (none is expected for plain numbers and strings).
+pub fn encode_json(message: &NativeMessage) -> Result<Vec<u8>, EncodeError> {
+    Ok(serde_json::to_vec(message)?)
 }
 
 /// Encodes as CBOR with text keys.
-pub fn encode_cbor(message: &NativeMessage) -> Vec<u8> {
+///
+/// # Errors
+/// The serializer's error (none is expected for plain numbers and strings).
+pub fn encode_cbor(message: &NativeMessage) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::new();
-    // Writing into a Vec cannot fail.
-    let _ = ciborium::into_writer(message, &mut out);
-    out
+    ciborium::into_writer(message, &mut out).map_err(|e| EncodeError::Cbor(e.to_string()))?;
+    Ok(out)
 }

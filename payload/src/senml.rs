@@ -12,7 +12,7 @@
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use crate::{base64url, Sample};
+use crate::{base64url, EncodeError, Sample};
 
 /// Integer labels of the CBOR representation (RFC 8428, table 4).
 pub mod label {
@@ -124,27 +124,31 @@ impl Serialize for Pack<'_> {
 }
 
 /// Encodes a pack as SenML JSON (`application/senml+json`).
-pub fn encode_json(records: &[Record]) -> Vec<u8> {
-    // Serializing plain strings, numbers and booleans into a Vec cannot fail.
-    serde_json::to_vec(&Pack {
+///
+/// # Errors
+/// The serializer's error (none is expected for plain numbers and strings).
+pub fn encode_json(records: &[Record]) -> Result<Vec<u8>, EncodeError> {
+    Ok(serde_json::to_vec(&Pack {
         records,
         cbor: false,
-    })
-    .unwrap_or_default()
+    })?)
 }
 
 /// Encodes a pack as SenML CBOR (`application/senml+cbor`), with integer labels.
-pub fn encode_cbor(records: &[Record]) -> Vec<u8> {
+///
+/// # Errors
+/// The serializer's error (none is expected for plain numbers and strings).
+pub fn encode_cbor(records: &[Record]) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::new();
-    // Writing into a Vec cannot fail.
-    let _ = ciborium::into_writer(
+    ciborium::into_writer(
         &Pack {
             records,
             cbor: true,
         },
         &mut out,
-    );
-    out
+    )
+    .map_err(|e| EncodeError::Cbor(e.to_string()))?;
+    Ok(out)
 }
 
 /// Builds the pack a simulated device sends for `samples`: the first record

@@ -360,7 +360,7 @@ mod tests {
                     }))
                     .collect();
                 let seq = seq & (i64::MAX as u64);
-                let payload = edge_payload::encode(format, seq, &samples, &|_| None);
+                let payload = edge_payload::encode(format, seq, &samples, &|_| None).unwrap_or_else(|e| panic!("{e}"));
                 let decoded = decode(&payload, None, 0);
                 let got = decoded.map(|d| (d.readings, d.seq));
                 let want_seq = matches!(format, Format::NativeCbor | Format::NativeJson).then_some(seq);
@@ -379,7 +379,7 @@ mod tests {
         #[test]
         fn truncated_payloads_are_errors(samples in samples(), cut in 0.0f64..1.0) {
             for format in Format::ALL {
-                let payload = edge_payload::encode(format, 1, &samples, &|_| None);
+                let payload = edge_payload::encode(format, 1, &samples, &|_| None).unwrap_or_else(|e| panic!("{e}"));
                 let at = ((payload.len() as f64) * cut) as usize;
                 prop_assert!(decode(&payload[..at], None, 0).is_err(), "{} cut at {}", format, at);
             }
