@@ -214,12 +214,19 @@ pub async fn drive<S: Store>(
         }
         if let Some(batch) = held.take() {
             // Nothing older waits in the spool: the database may take it.
-            if w.spool.is_empty() && w.retry_due() && w.write(&batch).await.is_ok() {
-                w.recovered();
-                w.health.progressed();
-                failing = None;
-                let _ = done.send(batch.message_ids());
-                continue;
+            if w.spool.is_empty() && w.retry_due() {
+                match w.write(&batch).await {
+                    Ok(()) => {
+                        w.recovered();
+                        w.health.progressed();
+                        failing = None;
+                        let _ = done.send(batch.message_ids());
+                        continue;
+                    }
+                    // Backs off like any failure: a held batch is not
+                    // retried in a loop while the spool fails too.
+                    Err(e) => w.failed("held batch failed", &e),
+                }
             }
             held = match w.spool.append(&batch) {
                 Ok(()) => {
@@ -290,4 +297,251 @@ pub async fn drive<S: Store>(
     }
     tracing::debug!(writer = id, "writer finished");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop against a scripted store, in paused time: what is committed,
+    //! spooled, held and acknowledged, in which order, and when.
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::model::Message;
+    use crate::sink::batch::{Batch, BatchId};
+
+    const RETRY_MIN: Duration = Duration::from_millis(200);
+
+    /// A database that is up or down at the test's say, and remembers what
+    /// it committed and when it was asked.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        up: Arc<AtomicBool>,
+        committed: Arc<Mutex<Vec<i64>>>,
+        attempts: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl Scripted {
+        fn committed(&self) -> Vec<i64> {
+            self.committed.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+
+        fn attempts(&self) -> Vec<Instant> {
+            self.attempts.lock().map(|a| a.clone()).unwrap_or_default()
+        }
+    }
+
+    impl Store for Scripted {
+        fn write(
+            &mut self,
+            batch: &SealedBatch,
+        ) -> impl std::future::Future<Output = Result<(), WriteError>> + Send {
+            let (this, seq) = (self.clone(), batch.id.seq);
+            async move {
+                if let Ok(mut a) = this.attempts.lock() {
+                    a.push(Instant::now());
+                }
+                if !this.up.load(Relaxed) {
+                    return Err(WriteError::Unavailable("down".into()));
+                }
+                if let Ok(mut c) = this.committed.lock() {
+                    c.push(seq);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A batch holding one message whose ledger id is `seq`.
+    fn batch(seq: i64) -> SealedBatch {
+        let mut b = Batch::new(1);
+        b.push_dropped(&Message {
+            id: seq as u64,
+            device: Some(Arc::from("d")),
+            topic: Arc::from("devices/d/telemetry"),
+            payload: Bytes::from_static(b"{}"),
+            received: 0,
+            content_type: None,
+            redelivery: false,
+        });
+        b.seal(BatchId { run: 1, seq })
+    }
+
+    struct Running {
+        store: Scripted,
+        queue: mpsc::Sender<SealedBatch>,
+        done: mpsc::UnboundedReceiver<Vec<u64>>,
+        metrics: Arc<Metrics>,
+        task: tokio::task::JoinHandle<Result<(), WriterFailed>>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A writer over a scripted store and a real spool of `spool_max` bytes.
+    fn start(up: bool, spool_max: u64, remove_spool_dir: bool) -> Running {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let spool_dir = dir.path().join("writer-0");
+        let (spool, _) = Spool::open(&spool_dir, spool_max, 4096).unwrap_or_else(|e| panic!("{e}"));
+        if remove_spool_dir {
+            std::fs::remove_dir_all(&spool_dir).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let store = Scripted::default();
+        store.up.store(up, Relaxed);
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = mpsc::channel(1);
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let task = tokio::spawn(drive(
+            0,
+            store.clone(),
+            metrics.clone(),
+            RETRY_MIN,
+            rx,
+            done_tx,
+            spool,
+            Arc::new(WriterHealth::default()),
+            Duration::from_secs(60),
+        ));
+        Running {
+            store,
+            queue,
+            done,
+            metrics,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn send(r: &Running, seq: i64) {
+        assert!(r.queue.send(batch(seq)).await.is_ok(), "writer gone");
+    }
+
+    /// The acks released so far, without waiting.
+    fn acked(r: &mut Running) -> Vec<u64> {
+        drain(&mut r.done)
+    }
+
+    fn drain(done: &mut mpsc::UnboundedReceiver<Vec<u64>>) -> Vec<u64> {
+        let mut ids = Vec::new();
+        while let Ok(batch) = done.try_recv() {
+            ids.extend(batch);
+        }
+        ids
+    }
+
+    /// Lets the writer run until it waits on something (paused time moves
+    /// on only when every task waits).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_commit_in_order_and_are_acked_after_commit() {
+        let mut r = start(true, 1 << 20, false);
+        for seq in 1..=3 {
+            send(&r, seq).await;
+        }
+        drop(r.queue);
+        let ended = r.task.await;
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        assert_eq!(r.store.committed(), vec![1, 2, 3]);
+        let mut acks = Vec::new();
+        while let Some(ids) = r.done.recv().await {
+            acks.extend(ids);
+        }
+        assert_eq!(acks, vec![1, 2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_database_is_down_batches_are_spooled_acked_then_replayed_in_order() {
+        let mut r = start(false, 1 << 20, false);
+        send(&r, 1).await;
+        send(&r, 2).await;
+        settle().await;
+        assert_eq!(acked(&mut r), vec![1, 2], "acked once spooled");
+        assert_eq!(r.metrics.spool_batches_written.load(Relaxed), 2);
+        assert!(r.store.committed().is_empty());
+        r.store.up.store(true, Relaxed);
+        // The retry delay passes; the spool is replayed before anything new.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(r.store.committed(), vec![1, 2]);
+        assert_eq!(r.metrics.spool_batches_replayed.load(Relaxed), 2);
+        send(&r, 3).await;
+        drop(r.queue);
+        assert!(matches!(r.task.await, Ok(Ok(()))));
+        assert_eq!(r.store.committed(), vec![1, 2, 3]);
+        assert_eq!(
+            drain(&mut r.done),
+            vec![3],
+            "a replayed batch is not acked twice"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_doubling_up_to_ten_seconds() {
+        let r = start(false, 1 << 20, false);
+        send(&r, 1).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let attempts = r.store.attempts();
+        let gaps: Vec<u64> = attempts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            &gaps[..8],
+            &[200, 400, 800, 1600, 3200, 6400, 10_000, 10_000],
+            "{gaps:?}"
+        );
+        assert!(gaps.iter().all(|g| *g <= 10_000));
+        assert_eq!(
+            r.metrics.batch_failures.load(Relaxed),
+            attempts.len() as u64
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_spool_holds_the_batch_unacked_and_stops_the_queue() {
+        // Room for one batch only: the second is held.
+        let mut r = start(false, 1, false);
+        send(&r, 1).await;
+        send(&r, 2).await;
+        settle().await;
+        assert_eq!(acked(&mut r), vec![1], "the held batch is not acked");
+        // The queue (capacity 1) takes one more, then pushes back.
+        send(&r, 3).await;
+        settle().await;
+        assert!(
+            r.queue.try_send(batch(4)).is_err(),
+            "a holding writer takes no more"
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(acked(&mut r), Vec::<u64>::new(), "nothing acked while held");
+        r.store.up.store(true, Relaxed);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(r.store.committed(), vec![1, 2, 3]);
+        assert_eq!(acked(&mut r), vec![2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn neither_commit_nor_spool_for_the_stall_limit_ends_the_writer_unacked() {
+        let mut r = start(false, 1 << 20, true);
+        send(&r, 1).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!r.task.is_finished(), "still trying before the limit");
+        // Backing off, not spinning: 200 ms doubling to 10 s gives 8 tries
+        // in 30 s (this loop once retried at once, forever).
+        let tries = r.store.attempts().len();
+        assert!((5..=10).contains(&tries), "{tries} tries in 30 s");
+        let ended = tokio::time::timeout(Duration::from_secs(60), &mut r.task).await;
+        match ended {
+            Ok(Ok(Err(WriterFailed {
+                writer: 0,
+                secs: 60,
+                ..
+            }))) => {}
+            other => panic!("expected WriterFailed, got {other:?}"),
+        }
+        assert_eq!(acked(&mut r), Vec::<u64>::new());
+        assert!(r.store.committed().is_empty());
+    }
 }
