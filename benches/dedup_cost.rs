@@ -15,6 +15,9 @@
 //!
 //! Run: `cargo bench --bench dedup_cost`. Prints a table, then one JSON line.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -43,6 +43,9 @@
 //! gateway and the ceiling's COPY both going through the coordinator:
 //! `benches/citus.sh`).
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -4,6 +4,9 @@
 //! worker step (decode, dedup, analytics, COPY encoding) per reading. Run
 //! with `cargo bench --bench stages`.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edge_gateway::config::PartitionInterval;
 use edge_gateway::decode::decode;

@@ -2,6 +2,9 @@
 //! one raised and one cleared alert, in `edge.alerts`, on LISTEN, and on
 //! the MQTT topic `alerts/<device>`; finished minutes land in rollups_1m.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,9 @@
 //! test module of each file included. Run `cargo test --test architecture`
 //! after moving code between modules.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -5,6 +5,9 @@
 //! stopped for 20 s and with the gateway SIGKILLed mid-run. Needs Citus
 //! (`bash ../shared/citus/build.sh`): without it the tests fail saying so.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -1,5 +1,8 @@
 //! The command line as an operator meets it: check-config, bad config, migrate.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Command, Output};

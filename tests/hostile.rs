@@ -4,6 +4,9 @@
 //! good device's stream; each test ends with an exact count of the good
 //! readings and of the dead letters by reason.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,9 @@
 //! `/metrics`, `/healthz` and `/readyz` during a run: the counters match
 //! what was published and what PostgreSQL holds.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -2,6 +2,9 @@
 //! edge_gateway, creates partitions and stores readings, and cannot drop,
 //! delete or truncate what it does not own.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,9 @@
 //! every reading is stored once and each device's alerts come from the one
 //! instance that owns its shard.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

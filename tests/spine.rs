@@ -1,6 +1,9 @@
 //! The spine end to end: simulated devices -> real broker -> gateway
 //! process -> real PostgreSQL, checked reading by reading.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

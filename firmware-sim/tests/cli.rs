@@ -1,5 +1,8 @@
 //! The firmware-sim binary against a real broker.
 
+// A test (or bench) that cannot set up fails, saying why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use edge_gateway::local::mosquitto::Mosquitto;

@@ -3,6 +3,8 @@
 //! throwaway PostgreSQL and a real broker started by the project itself.
 
 #![allow(dead_code)]
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
