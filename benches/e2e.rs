@@ -54,14 +54,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use edge_gateway::local::{
-    citus::LocalCitus, free_port, mosquitto::Mosquitto, postgres::LocalPostgres,
+    citus::LocalCitus, free_port, mosquitto::Mosquitto, postgres::LocalPostgres, probe,
 };
 use edge_gateway::sink::batch::READINGS_COLUMNS;
 use edge_gateway::sink::copy::RowBuffer;
 use edge_payload::Format;
 use firmware_sim::SimConfig;
 use futures_util::SinkExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio_util::sync::CancellationToken;
 
 /// PostgreSQL as a production server for a write-heavy load runs it:
@@ -184,7 +184,7 @@ impl Options {
 
 struct GatewayProcess {
     child: Child,
-    http: String,
+    port: u16,
 }
 
 impl Drop for GatewayProcess {
@@ -194,48 +194,27 @@ impl Drop for GatewayProcess {
 }
 
 impl GatewayProcess {
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn figures(&self) -> probe::ProcessFigures {
+        probe::process(self.child.id()).unwrap_or_default()
     }
 
     /// Resident set size now and at its peak, in MiB.
     fn rss_mb(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse::<f64>().ok())
-                .map_or(0.0, |kb| kb / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        let f = self.figures();
+        (f.rss_kib as f64 / 1024.0, f.peak_rss_kib as f64 / 1024.0)
     }
 
     /// User + system CPU seconds used so far.
     fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) in
-        // parentheses; utime and stime are fields 14 and 15 of the line.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / clock_ticks()
+        self.figures().cpu_secs
     }
 
     async fn metrics(&self) -> Result<String> {
-        let (status, body) = http_get(&self.http, "/metrics").await?;
-        if status != 200 {
-            bail!("/metrics answered {status}");
+        let port = self.port;
+        match tokio::task::spawn_blocking(move || probe::http_get(port, "/metrics")).await? {
+            Some((200, body)) => Ok(body),
+            other => bail!("/metrics answered {:?}", other.map(|(s, _)| s)),
         }
-        Ok(body)
     }
 
     async fn committed(&self) -> Result<u64> {
@@ -249,35 +228,11 @@ impl GatewayProcess {
 
     /// SIGTERM, then SIGKILL if it has not exited within 60 s.
     fn stop(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_some() {
-            return Ok(());
+        match probe::terminate(&mut self.child, Duration::from_secs(60)) {
+            Some(_) => Ok(()),
+            None => bail!("gateway did not exit within 60 s of SIGTERM"),
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        bail!("gateway did not exit within 60 s of SIGTERM")
     }
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// Busy and total jiffies of the whole machine (from `/proc/stat`).
@@ -296,45 +251,9 @@ fn machine_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// A minimal HTTP/1.0 GET: status and body.
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad HTTP answer from {addr}{path}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, body.to_string()))
-}
-
-/// The value of an unlabelled counter or gauge in Prometheus text.
+/// The value of an unlabelled counter or gauge (0 when absent).
 fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Cumulative bucket counts (upper bound in seconds, count) of a histogram.
-fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
+    probe::metric(text, name).unwrap_or(0.0)
 }
 
 /// The q-quantile, in ms, of the observations between two snapshots of a
@@ -718,7 +637,8 @@ async fn run(o: Options) -> Result<()> {
     let broker =
         tokio::task::spawn_blocking(move || Mosquitto::start_with(&lines(&overrides))).await??;
     let dir = tempfile::Builder::new().prefix("edge-e2e-").tempdir()?;
-    let http = format!("127.0.0.1:{}", free_port()?);
+    let http_port = free_port()?;
+    let http = format!("127.0.0.1:{http_port}");
     let config_path = dir.path().join("gateway.toml");
     let config_text = format!(
         "[mqtt]\nurl = \"{}\"\nclient_id = \"e2e-gateway\"\n\
@@ -788,9 +708,12 @@ async fn run(o: Options) -> Result<()> {
         .stderr(log)
         .spawn()
         .context("start the gateway")?;
-    let gw = GatewayProcess { child, http };
+    let gw = GatewayProcess {
+        child,
+        port: http_port,
+    };
     let ready_by = Instant::now() + Duration::from_secs(60);
-    while !matches!(http_get(&gw.http, "/readyz").await, Ok((200, _))) {
+    while !matches!(probe::http_get(http_port, "/readyz"), Some((200, _))) {
         if Instant::now() > ready_by {
             bail!("gateway not ready within 60 s; see its log");
         }
@@ -810,7 +733,7 @@ async fn run(o: Options) -> Result<()> {
     let machine1 = machine_jiffies();
     let machine_busy =
         (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64 * 100.0;
-    let after = buckets(&gw.metrics().await?, latency);
+    let after = probe::buckets(&gw.metrics().await?, latency);
     let rate = total as f64 / burst.done_secs;
     if burst_published != total {
         bail!("published {burst_published} readings, expected {total}");
@@ -838,13 +761,13 @@ async fn run(o: Options) -> Result<()> {
     // Each second: readings committed and the latency quantiles of that
     // second, which show stalls that one p99 hides.
     let mut last = before.clone();
-    let mut last_copy = buckets(&gw.metrics().await?, "edge_gateway_copy_seconds");
+    let mut last_copy = probe::buckets(&gw.metrics().await?, "edge_gateway_copy_seconds");
     let mut last_committed = committed0;
     while !tasks.iter().all(|t| t.is_finished()) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let text = gw.metrics().await?;
-        let now = buckets(&text, latency);
-        let copy = buckets(&text, "edge_gateway_copy_seconds");
+        let now = probe::buckets(&text, latency);
+        let copy = probe::buckets(&text, "edge_gateway_copy_seconds");
         let committed = counter(&text, "edge_gateway_readings_committed_total") as u64;
         let ms = |q| quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
         let row = client
@@ -879,7 +802,7 @@ async fn run(o: Options) -> Result<()> {
     )
     .await?;
     let paced_achieved = paced_published as f64 / o.paced_secs;
-    let after = buckets(&gw.metrics().await?, latency);
+    let after = probe::buckets(&gw.metrics().await?, latency);
     let p50 = quantile_ms(&before, &after, 0.5);
     let p99 = quantile_ms(&before, &after, 0.99);
 

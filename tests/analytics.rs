@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
@@ -128,13 +128,12 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
     let detail: String = rows[0].get(6);
     assert!(detail.contains("window_60s"), "{detail}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (notes.lock().map(|n| n.len()).unwrap_or(0) < 2
-        || mqtt.lock().map(|m| m.len()).unwrap_or(0) < 2)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (notes.lock().map(|n| n.len()).unwrap_or(0) >= 2
+            && mqtt.lock().map(|m| m.len()).unwrap_or(0) >= 2)
+            .then_some(())
+    })
+    .await;
     let notes = notes.lock().map(|n| n.clone()).unwrap_or_default();
     let mqtt = mqtt.lock().map(|m| m.clone()).unwrap_or_default();
     assert_eq!(notes.len(), 2, "{notes:?}");
@@ -283,13 +282,12 @@ threshold = 0.5
         .await
         .map(|r| r.get(0))
         .unwrap_or(-1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (notes.lock().map(|n| n.len() as i64).unwrap_or(0) < total
-        || mqtt.lock().map(|m| m.len() as i64).unwrap_or(0) < total)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (notes.lock().map(|n| n.len() as i64).unwrap_or(0) >= total
+            && mqtt.lock().map(|m| m.len() as i64).unwrap_or(0) >= total)
+            .then_some(())
+    })
+    .await;
     assert_eq!(notes.lock().map(|n| n.len() as i64).unwrap_or(-1), total);
     assert_eq!(mqtt.lock().map(|m| m.len() as i64).unwrap_or(-1), total);
     assert!(summary.readings > 0);
@@ -386,13 +384,12 @@ async fn sighup_reloads_rules_without_dropping_data() {
     // A broken file is refused; the gateway keeps running with its rules.
     gateway.write_raw_config("[[rules]]\nname = \"bad\"\nkind = \"above\"\n");
     gateway.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = eventually(Duration::from_secs(10), async || {
+        gateway.log().contains("config refused").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "log:\n{}", gateway.log());
     assert!(gateway.running(), "log:\n{}", gateway.log());
-    assert!(
-        gateway.log().contains("config refused"),
-        "log:\n{}",
-        gateway.log()
-    );
     publish_native(broker.port(), "boiler-2", 5, start_ms, 1000, &[60.0]);
     assert_eq!(
         wait_for_count(

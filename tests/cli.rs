@@ -270,7 +270,12 @@ fn json_logs_are_one_object_per_line() {
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("run");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Two retries logged, then stop it.
+    let retried = common::eventually_blocking(std::time::Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("database not ready; retrying").count() >= 2).then_some(())
+    });
+    assert!(retried.is_some(), "no retries logged");
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).expect("log");

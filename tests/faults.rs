@@ -27,7 +27,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_down_for_20_s_mid_run_loses_and_duplicates_nothing() {
+async fn database_down_mid_run_loses_and_duplicates_nothing() {
     let mut pg = LocalPostgres::start().expect("throwaway PostgreSQL");
     let broker = Mosquitto::start().expect("mosquitto");
     let gateway = Gateway::start(&broker.url(), &pg.url(), "");
@@ -45,9 +45,12 @@ async fn database_down_for_20_s_mid_run_loses_and_duplicates_nothing() {
         5,
     );
     let runs = [spawn_sim(&native), spawn_sim(&senml)];
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Down a fifth of the way in; up again once the writers have retried
+    // through a long outage: 14 failed attempts, backing off from 50 ms,
+    // take the two writers past 6 s of retrying.
+    wait_metric(&gateway, COMMITTED, 20_000.0, Duration::from_secs(60)).await;
     blocking(|| pg.stop());
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    wait_metric(&gateway, FAILURES, 14.0, Duration::from_secs(90)).await;
     blocking(|| pg.restart()).expect("restart PostgreSQL");
     let mut readings = 0;
     for run in runs {
@@ -65,25 +68,14 @@ async fn database_down_for_20_s_mid_run_loses_and_duplicates_nothing() {
         "the outage should have been spooled; log:\n{}",
         gateway.log()
     );
-    let replayed = wait_metric(
-        &gateway,
-        "edge_gateway_spool_batches_replayed_total",
-        written,
-    )
-    .await;
-    assert_eq!(replayed, written);
+    let replayed = "edge_gateway_spool_batches_replayed_total";
+    wait_metric(&gateway, replayed, written, Duration::from_secs(30)).await;
+    assert_eq!(gateway.metric(replayed), Some(written));
 }
 
-async fn wait_metric(gateway: &Gateway, name: &str, want: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = gateway.metric(name).unwrap_or(-1.0);
-        if v >= want || Instant::now() > deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+const COMMITTED: &str = "edge_gateway_readings_committed_total";
+const SPOOLED: &str = "edge_gateway_spool_batches_written_total";
+const FAILURES: &str = "edge_gateway_batch_failures_total";
 
 /// SenML packs as another client writes them: one device, absolute times,
 /// one pack per line for `mosquitto_pub -l`.
@@ -149,9 +141,9 @@ async fn gateway_killed_with_sigkill_and_restarted_stores_everything_once() {
         Duration::from_secs(8),
     );
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Killed a third of the way in, mid-stream, and started again.
+    wait_metric(&gateway, COMMITTED, 6_000.0, Duration::from_secs(60)).await;
     gateway.kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
     blocking(|| gateway.spawn());
 
     run.await.expect("sim");
@@ -166,7 +158,7 @@ async fn gateway_killed_with_sigkill_and_restarted_stores_everything_once() {
     )
     .await;
     assert_eq!(got, senml_expected.len() as i64, "log:\n{}", gateway.log());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(&gateway, 0).await;
     assert_exactly(&client, "ext-", &senml_expected).await;
 }
 
@@ -183,7 +175,8 @@ async fn broker_restarted_mid_run_gateway_reconnects_and_loses_nothing() {
     );
     config.persistent = true;
     let run = spawn_sim(&config);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Restarted a third of the way in.
+    wait_metric(&gateway, COMMITTED, 4_000.0, Duration::from_secs(60)).await;
     blocking(|| broker.restart()).expect("restart mosquitto");
     run.await.expect("sim");
     let client = db(&pg.url()).await;
@@ -306,7 +299,7 @@ async fn sigterm_under_load_exits_within_the_deadline_and_the_rest_resumes() {
         1,
     );
     let run = spawn_sim(&first);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_metric(&gateway, COMMITTED, 4_000.0, Duration::from_secs(60)).await;
     let t = Instant::now();
     assert!(
         blocking(|| gateway.terminate(Duration::from_secs(8))),
@@ -315,7 +308,6 @@ async fn sigterm_under_load_exits_within_the_deadline_and_the_rest_resumes() {
     );
     let took = t.elapsed();
     assert!(took < Duration::from_secs(7), "exit took {took:?}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     blocking(|| gateway.spawn());
     run.await.expect("sim");
     let client = db(&pg.url()).await;
@@ -330,9 +322,12 @@ async fn sigterm_under_load_exits_within_the_deadline_and_the_rest_resumes() {
     );
     second.client_id = "sim-second".into();
     let run = spawn_sim(&second);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Second run a third of the way in, then the database goes; the
+    // gateway spools.
+    let base = gateway.metric(COMMITTED).unwrap_or(0.0);
+    wait_metric(&gateway, COMMITTED, base + 2_000.0, Duration::from_secs(60)).await;
     blocking(|| pg.stop());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_metric(&gateway, SPOOLED, 1.0, Duration::from_secs(60)).await;
     let t = Instant::now();
     assert!(
         blocking(|| gateway.terminate(Duration::from_secs(8))),
@@ -439,7 +434,18 @@ async fn a_full_spool_stops_intake_and_loses_nothing() {
     let summary = firmware_sim::run(&config, CancellationToken::new())
         .await
         .expect("sim");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The spool fills, then intake stops: what it received by then stays.
+    let full = eventually(Duration::from_secs(30), async || {
+        let bytes = gateway.metric("edge_gateway_spool_bytes")?;
+        let paused = gateway.metric("edge_gateway_intake_paused_total")?;
+        (bytes > 0.0 && paused > 0.0).then_some(())
+    })
+    .await;
+    assert!(
+        full.is_some(),
+        "intake never paused; log:\n{}",
+        gateway.log()
+    );
     let received = gateway
         .metric("edge_gateway_messages_received_total")
         .unwrap_or(0.0);
@@ -486,7 +492,7 @@ async fn database_failover_to_a_new_primary_under_load() {
         1,
     );
     let run = spawn_sim(&config);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_metric(&gateway, COMMITTED, 4_000.0, Duration::from_secs(60)).await;
     let old_client = db(&old.url()).await;
     for step in [
         "ALTER SYSTEM SET default_transaction_read_only = on",
@@ -503,24 +509,23 @@ async fn database_failover_to_a_new_primary_under_load() {
 
     let expected = firmware_sim::expected_readings(&config, start_ms);
     let count = "SELECT count(*) FROM edge.readings";
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let (mut a, mut b) = (0, 0);
-    while std::time::Instant::now() < deadline {
-        a = old_client
+    let counts = async || {
+        let a = old_client
             .query_one(count, &[])
             .await
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(-1);
-        b = new_client
+            .map_or(-1, |r| r.get::<_, i64>(0));
+        let b = new_client
             .query_one(count, &[])
             .await
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(-1);
-        if a + b >= expected.len() as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .map_or(-1, |r| r.get::<_, i64>(0));
+        (a, b)
+    };
+    eventually(Duration::from_secs(60), async || {
+        let (a, b) = counts().await;
+        (a + b >= expected.len() as i64).then_some(())
+    })
+    .await;
+    let (a, b) = counts().await;
     assert_eq!(
         a + b,
         expected.len() as i64,

@@ -53,13 +53,20 @@ async fn count(client: &Client, sql: &str, device: &str) -> i64 {
         .unwrap_or(-1)
 }
 
-/// Waits until `device` has `want` readings, then checks that each of its
-/// (metric, time) pairs is stored exactly once.
-async fn assert_device_exactly(client: &Client, gateway: &Gateway, device: &str, want: i64) {
+/// Waits until `device` has `want` readings and the gateway has made
+/// durable all it received but `held` messages, then checks that each of
+/// the device's (metric, time) pairs is stored exactly once.
+async fn assert_device_exactly(
+    client: &Client,
+    gateway: &Gateway,
+    device: &str,
+    want: i64,
+    held: u64,
+) {
     let sql = format!("SELECT count(*) FROM edge.readings WHERE device_id = '{device}'");
     let got = wait_for_count(client, &sql, want, Duration::from_secs(90)).await;
     assert_eq!(got, want, "{device}: log:\n{}", gateway.log());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(gateway, held).await;
     let distinct = count(
         client,
         "SELECT count(DISTINCT (metric, time)) FROM edge.readings WHERE device_id = $1",
@@ -183,8 +190,9 @@ async fn every_hostile_message_is_a_dead_letter_and_the_fleet_keeps_flowing() {
         format!(r#"{{"seq":1,"ts":{now},"m":{{"{long_ok}":5000}}}}"#),
     );
 
-    // Memory: first let the gateway settle, then the big messages.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Memory: first let the gateway take what came before, then the big
+    // messages.
+    caught_up(&gateway, 0).await;
     let rss_before = gateway.peak_rss_kib().expect("VmHWM");
     // 198 KB: a 100,000-character base name, then 9,000 records.
     let mut bomb = format!(r#"[{{"bn":"{}","v":0}}"#, letters(100_000));
@@ -229,8 +237,8 @@ async fn every_hostile_message_is_a_dead_letter_and_the_fleet_keeps_flowing() {
 
     assert!(ready(&gateway), "readyz during the hostile input");
     let good_readings = good.join().expect("good stream");
-    assert_device_exactly(&client, &gateway, "good-1", good_readings).await;
-    assert_device_exactly(&client, &gateway, "h-big", 9000).await;
+    assert_device_exactly(&client, &gateway, "good-1", good_readings, 0).await;
+    assert_device_exactly(&client, &gateway, "h-big", 9000, 0).await;
     let rss_after = gateway.peak_rss_kib().expect("VmHWM");
     let grown_mib = (rss_after.saturating_sub(rss_before)) as f64 / 1024.0;
     println!("peak RSS {rss_before} KiB -> {rss_after} KiB (+{grown_mib:.1} MiB)");
@@ -247,13 +255,15 @@ async fn every_hostile_message_is_a_dead_letter_and_the_fleet_keeps_flowing() {
         ("payload_too_large", 1),
         ("rejected_by_database", 1),
     ];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let got = loop {
+    let complete = async || {
         let got = dead_letters(&client).await;
-        if want.iter().all(|(r, n)| got.get(*r) == Some(n)) || Instant::now() > deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        want.iter()
+            .all(|(r, n)| got.get(*r) == Some(n))
+            .then_some(got)
+    };
+    let got = match eventually(Duration::from_secs(30), complete).await {
+        Some(got) => got,
+        None => dead_letters(&client).await,
     };
     for (reason, n) in want {
         assert_eq!(got.get(reason), Some(&n), "{reason}: {got:?}");
@@ -311,20 +321,9 @@ async fn a_poisoned_spool_replays_with_the_poison_isolated() {
         &[],
     );
     // Spooled (and acknowledged) while the database is down.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while gateway
-        .metric("edge_gateway_spool_batches_written_total")
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "nothing spooled; log:\n{}",
-            gateway.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spool = "edge_gateway_spool_batches_written_total";
+    wait_metric(&gateway, spool, 1.0, Duration::from_secs(30)).await;
+    caught_up(&gateway, 0).await;
     tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
     let client = db(&pg.url()).await;
     mosquitto_pub(
@@ -334,7 +333,7 @@ async fn a_poisoned_spool_replays_with_the_poison_isolated() {
         Duration::ZERO,
         &[],
     );
-    assert_device_exactly(&client, &gateway, "good-2", 300).await;
+    assert_device_exactly(&client, &gateway, "good-2", 300, 0).await;
     let got = wait_for_count(
         &client,
         "SELECT count(*) FROM edge.dead_letters WHERE reason = 'rejected_by_database' AND device_id = 'h-poison'",
@@ -379,8 +378,8 @@ async fn a_rebooted_device_loses_nothing_with_or_without_a_boot_id() {
         Duration::ZERO,
         &[],
     );
-    assert_device_exactly(&client, &gateway, "reboot-plain", 1700 * 2).await;
-    assert_device_exactly(&client, &gateway, "reboot-boot", 400 * 2).await;
+    assert_device_exactly(&client, &gateway, "reboot-plain", 1700 * 2, 0).await;
+    assert_device_exactly(&client, &gateway, "reboot-boot", 400 * 2, 0).await;
     assert_eq!(
         gateway.metric("edge_gateway_device_restarts_total"),
         Some(2.0)
@@ -438,7 +437,7 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
         Duration::ZERO,
         &[],
     );
-    assert_device_exactly(&client, &gateway, &x, 2).await;
+    assert_device_exactly(&client, &gateway, &x, 2, 0).await;
     // Hold X's next commit on its watermark row: its acks, and the acks of
     // everything received after it, wait.
     let mut locker = db(&pg.url()).await;
@@ -456,7 +455,9 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
         Duration::ZERO,
         &[],
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // X's message arrives and waits on the lock.
+    let not_durable = "edge_gateway_messages_not_durable";
+    wait_metric(&gateway, not_durable, 1.0, Duration::from_secs(30)).await;
     let packs: Vec<String> = (0..100)
         .map(|i| format!(r#"[{{"n":"temp","v":{i}}}]"#))
         .collect();
@@ -467,30 +468,25 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
         Duration::ZERO,
         &[],
     );
-    // Y's packs are committed, not acknowledged (X's message is older).
-    assert_device_exactly(&client, &gateway, &y, 100).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Y's packs are committed, not acknowledged (X's message is older and
+    // held by the lock).
+    assert_device_exactly(&client, &gateway, &y, 100, 1).await;
     gateway.kill();
     lock.rollback().await.expect("release the lock");
     gateway.spawn();
-    assert_device_exactly(&client, &gateway, &x, 4).await;
-    // Every redelivered pack was recognised (give them time to arrive).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while gateway
-        .metric("edge_gateway_duplicates_total")
-        .unwrap_or(0.0)
-        < 100.0
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_device_exactly(&client, &gateway, &x, 4, 0).await;
+    // Every redelivered pack was recognised (once they have arrived).
+    eventually(Duration::from_secs(30), async || {
+        (gateway.metric("edge_gateway_duplicates_total")? >= 100.0).then_some(())
+    })
+    .await;
     assert_eq!(
         gateway.metric("edge_gateway_duplicates_total"),
         Some(100.0),
         "the broker redelivered Y's 100 packs; log:\n{}",
         gateway.log()
     );
-    assert_device_exactly(&client, &gateway, &y, 100).await;
+    assert_device_exactly(&client, &gateway, &y, 100, 0).await;
 }
 
 /// 200,000 distinct device ids through a gateway capped at 50,000 series:
@@ -520,23 +516,12 @@ async fn device_churn_stays_within_the_series_cap_and_writes_every_rollup() {
     });
     let mut max_series = 0.0f64;
     let count = "SELECT count(*) FROM edge.readings WHERE starts_with(device_id, 'churn-')";
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        max_series = max_series.max(
-            gateway
-                .metric("edge_gateway_analytics_series")
-                .unwrap_or(0.0),
-        );
-        let n: i64 = client
-            .query_one(count, &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if n >= 200_000 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    eventually(Duration::from_secs(240), async || {
+        max_series = max_series.max(gateway.metric("edge_gateway_analytics_series")?);
+        let n: i64 = client.query_one(count, &[]).await.ok()?.get(0);
+        (n >= 200_000).then_some(())
+    })
+    .await;
     let summary = run.await.expect("sim task").expect("sim");
     assert_eq!(summary.readings, 200_000);
     assert_device_count(&client, count, 200_000, &gateway).await;
@@ -616,7 +601,7 @@ async fn a_writer_that_fails_hard_stops_the_gateway_and_nothing_is_lost() {
     tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
     gateway.spawn();
     let client = db(&pg.url()).await;
-    assert_device_exactly(&client, &gateway, "sup-1", 40).await;
+    assert_device_exactly(&client, &gateway, "sup-1", 40, 0).await;
 }
 
 /// 60 seconds of 100 devices with a tenth of all messages hostile, and the
@@ -680,9 +665,16 @@ async fn sixty_seconds_of_chaos_lose_nothing_and_account_for_every_bad_message()
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The database goes away a third of the way in, and comes back once
+    // the gateway has spooled through the outage.
+    let committed = "edge_gateway_readings_committed_total";
+    wait_metric(&gateway, committed, 40_000.0, Duration::from_secs(120)).await;
     tokio::task::block_in_place(|| pg.stop());
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let spooled = gateway
+        .metric("edge_gateway_spool_batches_written_total")
+        .unwrap_or(0.0);
+    let spool = "edge_gateway_spool_batches_written_total";
+    wait_metric(&gateway, spool, spooled + 2.0, Duration::from_secs(60)).await;
     tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
     for h in hostile {
         h.join().expect("hostile publisher");
@@ -692,20 +684,21 @@ async fn sixty_seconds_of_chaos_lose_nothing_and_account_for_every_bad_message()
     let client = db(&pg.url()).await;
     assert_landed(&client, &gateway, &good).await;
     let sql = "SELECT count(*) FROM edge.dead_letters WHERE starts_with(device_id, 'bad-')";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (stored, suppressed) = loop {
-        let stored: i64 = client
-            .query_one(sql, &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+    let figures = async || {
+        let stored: i64 = client.query_one(sql, &[]).await.map_or(0, |r| r.get(0));
         let suppressed = gateway
             .metric("edge_gateway_dead_letters_suppressed_total")
             .unwrap_or(0.0) as i64;
-        if stored + suppressed >= 1200 || Instant::now() > deadline {
-            break (stored, suppressed);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        (stored, suppressed)
+    };
+    let (stored, suppressed) = match eventually(Duration::from_secs(60), async || {
+        let (stored, suppressed) = figures().await;
+        (stored + suppressed >= 1200).then_some((stored, suppressed))
+    })
+    .await
+    {
+        Some(got) => got,
+        None => figures().await,
     };
     println!("hostile: {stored} stored as dead letters, {suppressed} counted over the budget");
     assert_eq!(stored + suppressed, 1200, "log:\n{}", gateway.log());

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use edge_gateway::local::{mosquitto::Mosquitto, postgres::LocalPostgres};
@@ -37,25 +37,24 @@ async fn metrics_match_what_was_published_and_committed() {
         let config = config.clone();
         async move { firmware_sim::run(&config, CancellationToken::new()).await }
     });
-    while !run.is_finished() {
+    eventually(Duration::from_secs(120), async || {
         let text = gateway.metrics();
         assert!(
             text.lines()
                 .all(|l| l.starts_with('#') || l.split_whitespace().count() == 2),
             "{text}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        run.is_finished().then_some(())
+    })
+    .await;
     let summary = run.await.expect("sim task").expect("sim");
     let client = db(&pg.url()).await;
     assert_landed(&client, &gateway, &config).await;
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gateway.metric("edge_gateway_acks_sent_total") < Some(summary.messages as f64)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (gateway.metric("edge_gateway_acks_sent_total")? >= summary.messages as f64).then_some(())
+    })
+    .await;
     let stored: i64 = client
         .query_one("SELECT count(*) FROM edge.readings", &[])
         .await

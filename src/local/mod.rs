@@ -11,6 +11,7 @@ pub mod broker;
 pub mod citus;
 pub mod mosquitto;
 pub mod postgres;
+pub mod probe;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -29,6 +29,8 @@ pub struct AckLedger {
     /// Id of `entries[0]`.
     base: u64,
     entries: VecDeque<Entry>,
+    /// Entries not yet marked durable.
+    not_durable: usize,
 }
 
 impl AckLedger {
@@ -40,6 +42,7 @@ impl AckLedger {
     pub fn register(&mut self, ack: Option<PendingAck>) -> u64 {
         let id = self.base + self.entries.len() as u64;
         self.entries.push_back(Entry { ack, done: false });
+        self.not_durable += 1;
         id
     }
 
@@ -48,7 +51,10 @@ impl AckLedger {
     pub fn complete(&mut self, id: u64) {
         if id >= self.base {
             if let Some(entry) = self.entries.get_mut((id - self.base) as usize) {
-                entry.done = true;
+                if !entry.done {
+                    entry.done = true;
+                    self.not_durable -= 1;
+                }
             }
         }
     }
@@ -69,11 +75,18 @@ impl AckLedger {
     pub fn reset(&mut self) {
         self.base += self.entries.len() as u64;
         self.entries.clear();
+        self.not_durable = 0;
     }
 
     /// Messages received and not yet released.
     pub fn pending(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Messages received and not yet durable (a subset of the pending ones:
+    /// a durable message still waits for older ones before its ack).
+    pub fn not_durable(&self) -> usize {
+        self.not_durable
     }
 }
 
@@ -93,7 +106,9 @@ mod tests {
         let b = l.register(None);
         let c = l.register(ack(3));
         l.complete(c);
+        l.complete(c);
         assert!(l.release().is_empty());
+        assert_eq!((l.pending(), l.not_durable()), (3, 2));
         l.complete(a);
         assert_eq!(l.release(), vec![PendingAck { pkid: 1 }]);
         l.complete(b);
@@ -109,6 +124,7 @@ mod tests {
         let new = l.register(ack(1));
         l.complete(old);
         assert!(l.release().is_empty());
+        assert_eq!(l.not_durable(), 1);
         l.complete(new);
         assert_eq!(l.release(), vec![PendingAck { pkid: 1 }]);
     }
@@ -125,6 +141,7 @@ mod tests {
             for i in order {
                 l.complete(ids[i as usize]);
                 done.insert(i);
+                prop_assert_eq!(l.not_durable(), 50 - done.len());
                 for a in l.release() {
                     prop_assert!(done.contains(&a.pkid));
                     released.push(a.pkid);

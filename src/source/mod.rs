@@ -102,6 +102,12 @@ pub async fn run_intake(
     let mut blocked: Option<Message> = None;
     let mut stop_intake = false;
     loop {
+        metrics
+            .messages_in_flight
+            .store(ledger.pending() as u64, Relaxed);
+        metrics
+            .messages_not_durable
+            .store(ledger.not_durable() as u64, Relaxed);
         tokio::select! {
             biased;
             ids = done.recv() => {

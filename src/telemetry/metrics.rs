@@ -74,6 +74,11 @@ pub struct Metrics {
     pub spool_foreign: AtomicU64,
     /// Writers with work pending and no progress for `pipeline.stall_secs`.
     pub writers_stalled: AtomicU64,
+    /// Messages received on the current connection and not yet released
+    /// (neither durable nor acknowledged).
+    pub messages_in_flight: AtomicU64,
+    /// Of those, the messages not yet committed or spooled.
+    pub messages_not_durable: AtomicU64,
     /// A stage ended before shutdown: the gateway is stopping.
     pub stage_failed: AtomicBool,
     pub alerts: AtomicU64,
@@ -289,6 +294,18 @@ impl Metrics {
             "edge_gateway_spool_foreign_total",
             "Spools of another database set aside, never replayed.",
             self.spool_foreign.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_messages_in_flight",
+            "Messages received and not yet durable and acknowledged (0 when the gateway has caught up).",
+            self.messages_in_flight.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "edge_gateway_messages_not_durable",
+            "Messages received and not yet committed or spooled.",
+            self.messages_not_durable.load(Relaxed),
         );
         gauge(
             &mut out,

@@ -7,13 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edge_gateway::local::free_port;
+use edge_gateway::local::{free_port, probe};
 use edge_payload::Format;
 use firmware_sim::AnomalyKind;
 use firmware_sim::{ExpectedReading, SimConfig};
@@ -82,12 +81,14 @@ impl Gateway {
             .spawn()
             .expect("spawn edge-gateway");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(self.http_port, "/readyz").map(|(s, _)| s) != Some(200) {
-            if Instant::now() > deadline || self.exited() {
-                panic!("gateway not ready within 60 s; log:\n{}", self.log());
+        let ready = eventually_blocking(Duration::from_secs(60), || {
+            if self.exited() {
+                return Some(false);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            (http_get(self.http_port, "/readyz").map(|(s, _)| s) == Some(200)).then_some(true)
+        });
+        if ready != Some(true) {
+            panic!("gateway not ready within 60 s; log:\n{}", self.log());
         }
     }
 
@@ -143,11 +144,7 @@ impl Gateway {
 
     /// One counter or gauge value from `/metrics`.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics()
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
+        probe::metric(&self.metrics(), name)
     }
 
     /// The process id, while it runs.
@@ -157,28 +154,15 @@ impl Gateway {
 
     /// Peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
+        probe::process(self.pid()?).map(|f| f.peak_rss_kib)
     }
 
     /// Waits up to `timeout` for the process to exit; its exit code (None
     /// when it is still running or died by a signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return status.code();
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        let status = probe::wait_exit(self.child.as_mut()?, timeout)?;
+        self.child = None;
+        status.code()
     }
 
     /// Kills the process with SIGKILL (a crash) and reaps it.
@@ -195,19 +179,7 @@ impl Gateway {
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
+        probe::terminate(&mut child, within).is_some_and(|s| s.success())
     }
 
     /// SIGTERM with a generous deadline.
@@ -237,19 +209,41 @@ fn merge_toml(base: &str, extra: &str) -> String {
     toml::to_string(&config).expect("render config")
 }
 
-/// A minimal HTTP/1.0 GET: (status, body).
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+pub use edge_gateway::local::probe::http_get;
+
+/// How often [`eventually`] looks.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `check` until it gives a value or `within` has passed (`None`
+/// then). The one way the tests wait for something they can observe.
+pub async fn eventually<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for code outside the runtime (the process helpers).
+pub fn eventually_blocking<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Connects to PostgreSQL.
@@ -264,18 +258,46 @@ pub async fn db(url: &str) -> Client {
 /// Polls `sql` (a single bigint) until it reaches `want` or `timeout` passes;
 /// returns the last value.
 pub async fn wait_for_count(client: &Client, sql: &str, want: i64, timeout: Duration) -> i64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let n: i64 = client
+    let count = async || {
+        client
             .query_one(sql, &[])
             .await
-            .map(|r| r.get(0))
-            .unwrap_or(-1);
-        if n >= want || Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .map_or(-1, |r| r.get::<_, i64>(0))
+    };
+    match eventually(timeout, async || Some(count().await).filter(|n| *n >= want)).await {
+        Some(n) => n,
+        None => count().await,
     }
+}
+
+/// Waits until the gateway's counter or gauge `name` reaches `at_least`;
+/// fails the test, with the gateway's log, when it does not within `within`.
+pub async fn wait_metric(gateway: &Gateway, name: &str, at_least: f64, within: Duration) {
+    let reached = eventually(within, async || {
+        (gateway.metric(name)? >= at_least).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{name} stayed under {at_least} ({:?}) for {within:?}; log:\n{}",
+        gateway.metric(name),
+        gateway.log()
+    );
+}
+
+/// Waits until every message the gateway received is committed or spooled
+/// but `held` (messages a test keeps from committing): a duplicate would be
+/// in the tables by then.
+pub async fn caught_up(gateway: &Gateway, held: u64) {
+    let settled = eventually(Duration::from_secs(60), async || {
+        (gateway.metric("edge_gateway_messages_not_durable")? <= held as f64).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "messages left uncommitted; log:\n{}",
+        gateway.log()
+    );
 }
 
 /// Checks that the readings of devices starting with `prefix` are exactly
@@ -347,8 +369,7 @@ pub async fn assert_landed(client: &Client, gateway: &Gateway, config: &SimConfi
         "{prefix}: gateway log:\n{}",
         gateway.log()
     );
-    // Give a late duplicate the chance to show up before checking exactness.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(gateway, 0).await;
     assert_exactly(client, prefix, &expected).await;
 }
 

@@ -1,0 +1,153 @@
+//! Looking at a running gateway from outside, as an operator would: its HTTP
+//! endpoints, the figures in its `/metrics`, its process (memory, CPU) and
+//! stopping it with SIGTERM. The black-box tests and the end-to-end bench
+//! share these, so what they measure is read the same way.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A minimal HTTP/1.0 GET to `127.0.0.1:port`: status and body; `None`
+/// when nothing answers (within 5 s) or the answer is not HTTP.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_string()))
+}
+
+/// The value of an unlabelled counter or gauge in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Cumulative bucket counts (upper bound in seconds, count) of a histogram.
+pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// What a process holds and has used, from `/proc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessFigures {
+    /// Resident memory now (VmRSS), in KiB.
+    pub rss_kib: u64,
+    /// Peak resident memory so far (VmHWM), in KiB.
+    pub peak_rss_kib: u64,
+    /// User + system CPU time so far, in seconds.
+    pub cpu_secs: f64,
+}
+
+/// The figures of process `pid`; `None` once it is gone.
+pub fn process(pid: u32) -> Option<ProcessFigures> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses;
+    // utime and stime are fields 14 and 15 of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some(ProcessFigures {
+        rss_kib: kib("VmRSS:"),
+        peak_rss_kib: kib("VmHWM:"),
+        cpu_secs: (ticks(11) + ticks(12)) / clock_ticks(),
+    })
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 when unknown).
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Sends SIGTERM and waits up to `within` for the exit; its status, or
+/// `None` when it had not exited by then (it is then killed and reaped).
+pub fn terminate(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = wait_exit(child, within);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
+/// Waits up to `within` for `child` to exit; its status, or `None` when it
+/// still runs.
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_read_from_prometheus_text() {
+        let text = "# HELP x\nedge_a_total 12\nedge_a_total_other 3\nedge_h_bucket{le=\"0.1\"} 4\nedge_h_bucket{le=\"+Inf\"} 9\n";
+        assert_eq!(metric(text, "edge_a_total"), Some(12.0));
+        assert_eq!(metric(text, "edge_b"), None);
+        assert_eq!(
+            buckets(text, "edge_h"),
+            vec![(0.1, 4.0), (f64::INFINITY, 9.0)]
+        );
+    }
+
+    #[test]
+    fn this_process_has_figures() {
+        let me = process(std::process::id()).unwrap_or_default();
+        assert!(me.rss_kib > 0 && me.peak_rss_kib >= me.rss_kib);
+    }
+}
