@@ -239,7 +239,6 @@ fn bench_worker_step(c: &mut Criterion) {
                 let worker = Worker::new(
                     router.shards()[0].clone(),
                     WorkerConfig::from(&config),
-                    PartitionInterval::Daily,
                     Arc::new(Metrics::default()),
                     tx,
                     Dedup::new(1000, i64::MAX / 4),

@@ -182,22 +182,10 @@ async fn injected_anomalies_produce_the_expected_alerts() {
     let broker = Mosquitto::start().expect("mosquitto");
     // Normal temperature stays below 21 + 4 + 0.5 + 6 * 0.3 = 27.3; a spike
     // adds 8 x 4 = 32, a shift 3 x 4 = 12 (so a shift stays below 40).
-    let rules = r#"
-[analytics]
-lateness_secs = 0.0
-[[rules]]
-name = "spike"
-kind = "above"
-metric = "temperature"
-threshold = 40.0
-clear = 38.0
-[[rules]]
-name = "anomaly"
-kind = "anomaly"
-metric = "temperature"
-threshold = 0.5
-"#;
-    let gateway = Gateway::start(&broker.url(), &pg.url(), rules);
+    let rules = format!(
+        "{SPIKE_RULES}[[rules]]\nname = \"anomaly\"\nkind = \"anomaly\"\nmetric = \"temperature\"\nthreshold = 0.5\n"
+    );
+    let gateway = Gateway::start(&broker.url(), &pg.url(), &rules);
     let mqtt = collect_mqtt(broker.port(), "alerts/#").await;
     let (_listener, notes) = collect_notifications(&pg.url(), "edge_alerts").await;
 

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::anomaly::AnomalyConfig;
 use super::rules::{RuleConfig, RuleState, State};
 pub use super::series::Outputs;
-use super::series::{alert, run_released, DeviceState, Series, StepContext};
+use super::series::{alert, run_released, DeviceState, Series, Steps};
 use super::window::Layout;
 pub use crate::alerts::Alert;
 pub use crate::model::Rollup;
@@ -75,10 +75,8 @@ pub struct Footprint {
 /// A worker's analytics for all its devices.
 pub struct Analytics {
     config: Arc<AnalyticsConfig>,
-    layout: Layout,
     lateness: Micros,
-    anomaly: AnomalyConfig,
-    rules: Arc<Vec<RuleConfig>>,
+    steps: Steps,
     devices: HashMap<Arc<str>, DeviceState>,
     /// Metric names, each held once for all the series that have it.
     metrics: HashSet<Arc<str>>,
@@ -106,11 +104,14 @@ impl Analytics {
             .map(|&s| (s as Micros).saturating_mul(MICROS_PER_SEC))
             .collect();
         Analytics {
-            layout: Layout::new(&durations, config.window_buckets),
+            steps: Steps {
+                layout: Layout::new(&durations, config.window_buckets),
+                anomaly,
+                rules,
+                rollups: config.rollups,
+            },
             lateness: (config.lateness_secs * MICROS_PER_SEC as f64) as Micros,
             config,
-            anomaly,
-            rules,
             devices: HashMap::new(),
             metrics: HashSet::new(),
             released: Vec::new(),
@@ -184,21 +185,12 @@ impl Analytics {
             limit = limit.max(arrivals[cut - 1].saturating_add(1));
         }
         let Analytics {
-            layout,
-            anomaly,
-            rules,
+            steps,
             devices,
             released,
-            config,
             metrics,
             ..
         } = self;
-        let ctx = StepContext {
-            layout,
-            anomaly,
-            rules,
-            rollups: config.rollups,
-        };
         let mut evicted = 0usize;
         devices.retain(|device, state| {
             let DeviceState {
@@ -210,7 +202,7 @@ impl Analytics {
                 }
                 released.clear();
                 s.reorder.flush(|t, v| released.push((t, v)));
-                run_released(&ctx, s, sequences, device, released, out);
+                run_released(steps, s, sequences, device, released, out);
                 let newest = s.windows.newest().unwrap_or(0);
                 out.rollups.extend(s.minute.take(newest, device, &s.metric));
                 evicted += 1;
@@ -244,10 +236,8 @@ impl Analytics {
         }
         let Analytics {
             config,
-            layout,
+            steps,
             lateness,
-            anomaly,
-            rules,
             devices,
             metrics,
             released,
@@ -260,7 +250,7 @@ impl Analytics {
             Some(state) => state,
             None => devices
                 .entry(device.clone())
-                .or_insert_with(|| DeviceState::new(device, rules)),
+                .or_insert_with(|| DeviceState::new(device, &steps.rules)),
         };
         for (i, s) in &mut state.silence {
             if let Some(tr) = s.seen(now) {
@@ -268,7 +258,7 @@ impl Analytics {
                     now,
                     device,
                     "",
-                    &rules[*i].name,
+                    &steps.rules[*i].name,
                     tr,
                     None,
                     "{}".into(),
@@ -287,7 +277,8 @@ impl Analytics {
                     }
                 };
                 state.series.reserve_exact(1);
-                let series = Series::new(layout, anomaly, rules, device, metric);
+                let series =
+                    Series::new(&steps.layout, &steps.anomaly, &steps.rules, device, metric);
                 state.series.insert(at, series);
                 self.series += 1;
                 at
@@ -303,21 +294,15 @@ impl Analytics {
             return;
         }
         series.last_arrival = now;
-        let ctx = StepContext {
-            layout,
-            anomaly,
-            rules,
-            rollups: config.rollups,
-        };
-        run_released(&ctx, series, &mut state.sequences, device, released, out);
+        run_released(steps, series, &mut state.sequences, device, released, out);
     }
 
     /// Replaces the rules (SIGHUP reload). A rule whose settings did not
     /// change keeps its state; an alert still raised under a rule that
     /// changed or went away is cleared now, so none stays open forever.
     pub fn set_rules(&mut self, rules: Arc<Vec<RuleConfig>>, now: Micros, out: &mut Outputs) {
-        let old = std::mem::replace(&mut self.rules, rules);
-        let new = &self.rules;
+        let old = std::mem::replace(&mut self.steps.rules, rules);
+        let new = &self.steps.rules;
         let carry = |i: usize| new.iter().position(|r| Some(r) == old.get(i));
         let closed = |name: &str| json!({ "reason": format!("rule {name} changed or removed") });
         for (device, state) in &mut self.devices {
@@ -416,27 +401,18 @@ impl Analytics {
     /// of every series, measured in the same pass.
     fn release_idle(&mut self, idle: impl Fn(Micros) -> bool, out: &mut Outputs) -> Footprint {
         let Analytics {
-            layout,
-            anomaly,
-            rules,
+            steps,
             devices,
             released,
-            config,
             ..
         } = self;
         let mut footprint = Footprint::default();
-        let ctx = StepContext {
-            layout,
-            anomaly,
-            rules,
-            rollups: config.rollups,
-        };
         for (device, state) in devices.iter_mut() {
             for series in &mut state.series {
                 if !series.reorder.is_empty() && idle(series.last_arrival) {
                     released.clear();
                     series.reorder.flush(|t, v| released.push((t, v)));
-                    run_released(&ctx, series, &mut state.sequences, device, released, out);
+                    run_released(steps, series, &mut state.sequences, device, released, out);
                 }
                 footprint.series += 1;
                 footprint.state_bytes += series.memory();
@@ -455,7 +431,7 @@ impl Analytics {
         self.footprint = self.release_idle(|last_arrival| now - last_arrival > lateness, out);
         for (device, state) in &mut self.devices {
             for (i, s) in &mut state.silence {
-                let rule = &self.rules[*i];
+                let rule = &self.steps.rules[*i];
                 if let Some(tr) = s.tick(rule, now) {
                     let detail = json!({ "silent_for_secs": rule.for_secs });
                     out.alerts

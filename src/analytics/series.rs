@@ -148,11 +148,12 @@ impl Minute {
     }
 }
 
-/// What the per-reading analytics steps share.
-pub(super) struct StepContext<'a> {
-    pub(super) layout: &'a Layout,
-    pub(super) anomaly: &'a AnomalyConfig,
-    pub(super) rules: &'a [RuleConfig],
+/// What every series' steps share, kept once per worker: the window
+/// layout, the detector's settings, the rules, whether rollups are made.
+pub(super) struct Steps {
+    pub(super) layout: Layout,
+    pub(super) anomaly: AnomalyConfig,
+    pub(super) rules: Arc<Vec<RuleConfig>>,
     pub(super) rollups: bool,
 }
 
@@ -160,7 +161,7 @@ pub(super) struct StepContext<'a> {
 /// windows, detector and rules of `series`, then the device's sequence
 /// rules over the alerts they raised.
 pub(super) fn run_released(
-    ctx: &StepContext<'_>,
+    ctx: &Steps,
     series: &mut Series,
     sequences: &mut [(usize, Sequence)],
     device: &Arc<str>,
@@ -226,7 +227,7 @@ pub(super) fn alert(
 /// One reading, in time order, through the windows, the detector, the
 /// rules and the minute's rollup of `series`.
 pub(super) fn step(
-    ctx: &StepContext<'_>,
+    ctx: &Steps,
     series: &mut Series,
     device: &Arc<str>,
     t: Micros,
@@ -243,15 +244,15 @@ pub(super) fn step(
         ..
     } = series;
     let previous = windows.newest();
-    windows.push(ctx.layout, t, v);
-    let score = detector.update(ctx.anomaly, v);
+    windows.push(&ctx.layout, t, v);
+    let score = detector.update(&ctx.anomaly, v);
     for state in rules.iter_mut() {
         let rule = &ctx.rules[state.rule()];
         if let Some(tr) = state.update(rule, t, v, score) {
             let mut detail = serde_json::Map::new();
             detail.insert("score".into(), finite((score * 1e4).round() / 1e4));
             for i in 0..ctx.layout.len() {
-                if let Some(s) = windows.stats(ctx.layout, i) {
+                if let Some(s) = windows.stats(&ctx.layout, i) {
                     detail.insert(
                         format!("window_{}s", ctx.layout.duration(i) / MICROS_PER_SEC),
                         json!({

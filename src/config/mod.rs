@@ -25,6 +25,7 @@ pub const ENV_HTTP_ADDR: &str = "GATEWAY_HTTP_ADDR";
 
 mod validate;
 
+pub use crate::decode::{Limits as LimitsConfig, MAX_KEY_TEXT_BYTES};
 pub use crate::settings::Invalid;
 pub use crate::sink::connection::describe_database;
 pub use crate::sink::settings::{DatabaseConfig, PartitionInterval, RetentionConfig, SpoolConfig};
@@ -118,116 +119,6 @@ impl Default for DedupConfig {
     }
 }
 
-/// Longest device id and metric name together, in bytes: with the rest of
-/// an index key (time, sequence) it stays under PostgreSQL's B-tree entry
-/// limit of 2,704 bytes.
-pub const MAX_KEY_TEXT_BYTES: usize = 2000;
-
-/// `[limits]`: what one device may make the gateway hold or store. Every
-/// breach makes the message a dead letter with its own reason (and counter);
-/// the defaults keep every stored key far inside PostgreSQL's index limit
-/// (2,704 bytes a B-tree entry).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Longest device id (the topic level the filter's `+` matches), in bytes.
-    pub max_device_id_bytes: usize,
-    /// Longest metric name (SenML base name + name), in bytes.
-    pub max_metric_bytes: usize,
-    /// Longest unit, in bytes.
-    pub max_unit_bytes: usize,
-    /// Longest string value (SenML `vs`), in bytes.
-    pub max_string_bytes: usize,
-    /// Longest data value (SenML `vd`, decoded), in bytes.
-    pub max_data_bytes: usize,
-    /// Most readings (SenML records) in one message.
-    pub max_records: usize,
-    /// Most memory the decoded readings of one message may take, in bytes
-    /// (each reading counts about 100 bytes plus its text).
-    pub max_decoded_bytes: usize,
-    /// Most distinct metric names one device may have at a time (its series
-    /// plus the names of the message at hand); a message bringing one more
-    /// is a dead letter (`too_many_series`).
-    /// Idle series are evicted (`analytics.series_idle_secs`).
-    pub max_series_per_device: usize,
-    /// Most series the gateway tracks in all (analytics state is about
-    /// 1 KiB each): when full, the longest-idle series is evicted (its
-    /// final rollup written) to make room.
-    pub max_series: usize,
-    /// Most devices whose native sequence window is kept in memory (about
-    /// 200 bytes each); when full, the longest-idle device is evicted.
-    pub max_dedup_devices: usize,
-    /// Dead letters stored per device and minute; beyond it they are
-    /// counted (`edge_gateway_dead_letters_suppressed_total`) and
-    /// acknowledged, not stored.
-    pub max_dead_letters_per_device_minute: u32,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        let decode = crate::decode::Limits::default();
-        LimitsConfig {
-            max_device_id_bytes: 128,
-            max_metric_bytes: decode.max_metric_bytes,
-            max_unit_bytes: decode.max_unit_bytes,
-            max_string_bytes: decode.max_string_bytes,
-            max_data_bytes: decode.max_data_bytes,
-            max_records: decode.max_records,
-            max_decoded_bytes: decode.max_decoded_bytes,
-            max_series_per_device: 1000,
-            max_series: 1_000_000,
-            max_dedup_devices: 1_000_000,
-            max_dead_letters_per_device_minute: 60,
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// Checks the `limits.*` keys: each at least 1, and a device id and a
-    /// metric name that fit together in one B-tree index entry of
-    /// PostgreSQL (2,704 bytes) with the rest of the key.
-    ///
-    /// # Errors
-    /// The first [`Invalid`] found.
-    pub fn validate(&self) -> Result<(), Invalid> {
-        for (key, v) in [
-            ("limits.max_device_id_bytes", self.max_device_id_bytes),
-            ("limits.max_metric_bytes", self.max_metric_bytes),
-            ("limits.max_unit_bytes", self.max_unit_bytes),
-            ("limits.max_string_bytes", self.max_string_bytes),
-            ("limits.max_data_bytes", self.max_data_bytes),
-            ("limits.max_records", self.max_records),
-            ("limits.max_decoded_bytes", self.max_decoded_bytes),
-            ("limits.max_series_per_device", self.max_series_per_device),
-            ("limits.max_series", self.max_series),
-            ("limits.max_dedup_devices", self.max_dedup_devices),
-        ] {
-            if v == 0 {
-                return Err(Invalid::new(key, "must be at least 1"));
-            }
-        }
-        if self.max_device_id_bytes + self.max_metric_bytes > MAX_KEY_TEXT_BYTES {
-            return Err(Invalid::new(
-                "limits.max_metric_bytes",
-                format!("with limits.max_device_id_bytes, must add up to at most {MAX_KEY_TEXT_BYTES} (the stored keys must fit a PostgreSQL index entry)"),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The decoder's share of the limits.
-    pub fn decode(&self) -> crate::decode::Limits {
-        crate::decode::Limits {
-            max_metric_bytes: self.max_metric_bytes,
-            max_unit_bytes: self.max_unit_bytes,
-            max_string_bytes: self.max_string_bytes,
-            max_data_bytes: self.max_data_bytes,
-            max_records: self.max_records,
-            max_decoded_bytes: self.max_decoded_bytes,
-        }
-    }
-}
-
 impl From<&Config> for crate::shard::worker::WorkerConfig {
     /// A shard worker's share of the settings.
     fn from(config: &Config) -> Self {
@@ -237,10 +128,8 @@ impl From<&Config> for crate::shard::worker::WorkerConfig {
             max_payload_bytes: config.mqtt.max_payload_bytes,
             max_future: config.pipeline.max_future_skew_secs as i64 * crate::model::MICROS_PER_SEC,
             max_past: i64::from(config.database.retention_days) * crate::model::MICROS_PER_DAY,
-            max_device_id_bytes: config.limits.max_device_id_bytes,
-            limits: config.limits.decode(),
-            max_dead_letters_per_device_minute: config.limits.max_dead_letters_per_device_minute,
-            max_series_per_device: config.limits.max_series_per_device,
+            limits: config.limits,
+            partitions: config.database.partition,
         }
     }
 }

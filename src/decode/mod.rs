@@ -10,13 +10,25 @@
 pub mod native;
 pub mod senml;
 
-use crate::model::{Decoded, Micros, Reason};
+use serde::{Deserialize, Serialize};
 
-/// Bounds on what one payload may decode to, so that a device's bytes cost
-/// a bounded amount of memory and every stored key stays inside
-/// PostgreSQL's index limits. Each breach is its own [`DecodeError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::model::{Decoded, Micros, Reason};
+use crate::settings::Invalid;
+
+/// Longest device id and metric name together, in bytes: with the rest of
+/// an index key (time, sequence) it stays under PostgreSQL's B-tree entry
+/// limit of 2,704 bytes.
+pub const MAX_KEY_TEXT_BYTES: usize = 2000;
+
+/// `[limits]`: what one device may make the gateway hold or store. Every
+/// breach makes the message a dead letter with its own reason (and counter);
+/// the defaults keep every stored key far inside PostgreSQL's index limit
+/// (2,704 bytes a B-tree entry).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Longest device id (the topic level the filter's `+` matches), in bytes.
+    pub max_device_id_bytes: usize,
     /// Longest metric name (SenML base name + name), in bytes.
     pub max_metric_bytes: usize,
     /// Longest unit, in bytes.
@@ -25,23 +37,78 @@ pub struct Limits {
     pub max_string_bytes: usize,
     /// Longest data value (SenML `vd`, decoded), in bytes.
     pub max_data_bytes: usize,
-    /// Most records (SenML) or readings (native) in one message.
+    /// Most readings (SenML records) in one message.
     pub max_records: usize,
-    /// Most bytes the decoded readings of one message may take in memory
-    /// ([`decoded_size`] summed over them).
+    /// Most memory the decoded readings of one message may take, in bytes
+    /// (each reading counts about 100 bytes plus its text).
     pub max_decoded_bytes: usize,
+    /// Most distinct metric names one device may have at a time (its series
+    /// plus the names of the message at hand); a message bringing one more
+    /// is a dead letter (`too_many_series`).
+    /// Idle series are evicted (`analytics.series_idle_secs`).
+    pub max_series_per_device: usize,
+    /// Most series the gateway tracks in all (analytics state is about
+    /// 1 KiB each): when full, the longest-idle series is evicted (its
+    /// final rollup written) to make room.
+    pub max_series: usize,
+    /// Most devices whose native sequence window is kept in memory (about
+    /// 200 bytes each); when full, the longest-idle device is evicted.
+    pub max_dedup_devices: usize,
+    /// Dead letters stored per device and minute; beyond it they are
+    /// counted (`edge_gateway_dead_letters_suppressed_total`) and
+    /// acknowledged, not stored.
+    pub max_dead_letters_per_device_minute: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_device_id_bytes: 128,
             max_metric_bytes: 128,
             max_unit_bytes: 32,
             max_string_bytes: 1024,
             max_data_bytes: 1024,
             max_records: 10_000,
             max_decoded_bytes: 4 << 20,
+            max_series_per_device: 1000,
+            max_series: 1_000_000,
+            max_dedup_devices: 1_000_000,
+            max_dead_letters_per_device_minute: 60,
         }
+    }
+}
+
+impl Limits {
+    /// Checks the `limits.*` keys: each at least 1, and a device id and a
+    /// metric name that fit together in one B-tree index entry of
+    /// PostgreSQL (2,704 bytes) with the rest of the key.
+    ///
+    /// # Errors
+    /// The first [`Invalid`] found.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        for (key, v) in [
+            ("limits.max_device_id_bytes", self.max_device_id_bytes),
+            ("limits.max_metric_bytes", self.max_metric_bytes),
+            ("limits.max_unit_bytes", self.max_unit_bytes),
+            ("limits.max_string_bytes", self.max_string_bytes),
+            ("limits.max_data_bytes", self.max_data_bytes),
+            ("limits.max_records", self.max_records),
+            ("limits.max_decoded_bytes", self.max_decoded_bytes),
+            ("limits.max_series_per_device", self.max_series_per_device),
+            ("limits.max_series", self.max_series),
+            ("limits.max_dedup_devices", self.max_dedup_devices),
+        ] {
+            if v == 0 {
+                return Err(Invalid::new(key, "must be at least 1"));
+            }
+        }
+        if self.max_device_id_bytes + self.max_metric_bytes > MAX_KEY_TEXT_BYTES {
+            return Err(Invalid::new(
+                "limits.max_metric_bytes",
+                format!("with limits.max_device_id_bytes, must add up to at most {MAX_KEY_TEXT_BYTES} (the stored keys must fit a PostgreSQL index entry)"),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -212,7 +212,6 @@ async fn run_inner(
         let worker = Worker::new(
             shard.clone(),
             worker_config.clone(),
-            config.database.partition,
             metrics.clone(),
             queues[i % writers].clone(),
             dedup,

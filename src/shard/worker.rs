@@ -33,10 +33,10 @@ pub struct WorkerConfig {
     pub max_future: Micros,
     /// Readings earlier than receive time - this are rejected.
     pub max_past: Micros,
-    pub max_device_id_bytes: usize,
+    /// `[limits]`: what one device may make the gateway hold or store.
     pub limits: crate::decode::Limits,
-    pub max_dead_letters_per_device_minute: u32,
-    pub max_series_per_device: usize,
+    /// How `readings` is partitioned (each row notes its partition).
+    pub partitions: PartitionInterval,
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -80,7 +80,6 @@ impl Default for BatchIds {
 pub struct Worker {
     shard: Arc<Shard>,
     config: WorkerConfig,
-    partitions: PartitionInterval,
     metrics: Arc<Metrics>,
     out: mpsc::Sender<SealedBatch>,
     dedup: Dedup,
@@ -130,7 +129,6 @@ impl Worker {
     pub fn new(
         shard: Arc<Shard>,
         config: WorkerConfig,
-        partitions: PartitionInterval,
         metrics: Arc<Metrics>,
         out: mpsc::Sender<SealedBatch>,
         dedup: Dedup,
@@ -138,13 +136,12 @@ impl Worker {
     ) -> Worker {
         let batch = Batch::new(config.batch_rows);
         let dead_letters = DeadLetterBudget {
-            max: config.max_dead_letters_per_device_minute,
+            max: config.limits.max_dead_letters_per_device_minute,
             ..DeadLetterBudget::default()
         };
         Worker {
             shard,
             config,
-            partitions,
             metrics,
             out,
             dedup,
@@ -313,7 +310,7 @@ impl Worker {
             if !analytics.admits(&device, names) {
                 let error = format!(
                     "the device would pass {} series (limits.max_series_per_device)",
-                    self.config.max_series_per_device
+                    self.config.limits.max_series_per_device
                 );
                 return self.dead_letter(&message, Reason::TooManySeries, &error);
             }
@@ -344,7 +341,7 @@ impl Worker {
                 self.batch.push_readings(
                     &message,
                     &decoded.readings,
-                    self.partitions,
+                    self.config.partitions,
                     window,
                     identity,
                 );
@@ -398,13 +395,13 @@ impl Worker {
                 format!("topic {:?} matches no configured filter", message.topic),
             ));
         };
-        if device.len() > self.config.max_device_id_bytes {
+        if device.len() > self.config.limits.max_device_id_bytes {
             return Err((
                 Reason::DeviceIdTooLong,
                 format!(
                     "device id of {} bytes, limit {}",
                     device.len(),
-                    self.config.max_device_id_bytes
+                    self.config.limits.max_device_id_bytes
                 ),
             ));
         }
@@ -484,10 +481,8 @@ mod tests {
             max_payload_bytes: 200,
             max_future: 600 * MICROS_PER_SEC,
             max_past: 30 * crate::model::MICROS_PER_DAY,
-            max_device_id_bytes: 128,
             limits: crate::decode::Limits::default(),
-            max_dead_letters_per_device_minute: 60,
-            max_series_per_device: 1000,
+            partitions: PartitionInterval::Daily,
         };
         let router = Router::new(1, 16);
         let metrics = Arc::new(Metrics::default());
@@ -495,7 +490,6 @@ mod tests {
         let worker = Worker::new(
             router.shards()[0].clone(),
             config,
-            PartitionInterval::Daily,
             metrics.clone(),
             tx,
             Dedup::new(1000, i64::MAX / 2),
