@@ -38,7 +38,7 @@
 //! - `config` uses analytics, decode, model, settings, shard, sink, source
 //! - `source` uses alerts, model, settings, shard, telemetry, tls
 //! - `shard` uses analytics, decode, model, sink, telemetry
-//! - `decode` uses model
+//! - `decode` uses model, settings
 //! - `analytics` uses alerts, model, settings
 //! - `sink` uses alerts, model, settings, telemetry, tls
 //! - `alerts` uses model

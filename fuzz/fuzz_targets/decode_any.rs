@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
             max_data_bytes: 1 + c as usize % 64,
             max_records: 1 + a as usize % 16,
             max_decoded_bytes: 64 + (b as usize) * 16,
+            ..Limits::default()
         }
     };
     let Ok(decoded) = decode_limited(payload, content_type, 1_700_000_000_000_000, &limits) else {

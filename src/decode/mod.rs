@@ -12,7 +12,7 @@ pub mod senml;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Decoded, Micros, Reason};
+use crate::model::{DeadLetterReason, Decoded, Micros};
 use crate::settings::Invalid;
 
 /// Longest device id and metric name together, in bytes: with the rest of
@@ -181,25 +181,25 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// A short, stable label for counters and the dead-letter table.
-    pub fn reason(&self) -> Reason {
+    pub fn reason(&self) -> DeadLetterReason {
         match self {
-            DecodeError::Empty => Reason::Empty,
-            DecodeError::UnknownShape => Reason::UnknownShape,
-            DecodeError::Json(_) => Reason::MalformedJson,
-            DecodeError::Cbor(_) => Reason::MalformedCbor,
-            DecodeError::Senml(_) => Reason::InvalidSenml,
-            DecodeError::Native(_) => Reason::InvalidNative,
-            DecodeError::NotFinite { .. } => Reason::NotFinite,
-            DecodeError::TimeOutOfRange => Reason::TimeOutOfRange,
+            DecodeError::Empty => DeadLetterReason::Empty,
+            DecodeError::UnknownShape => DeadLetterReason::UnknownShape,
+            DecodeError::Json(_) => DeadLetterReason::MalformedJson,
+            DecodeError::Cbor(_) => DeadLetterReason::MalformedCbor,
+            DecodeError::Senml(_) => DeadLetterReason::InvalidSenml,
+            DecodeError::Native(_) => DeadLetterReason::InvalidNative,
+            DecodeError::NotFinite { .. } => DeadLetterReason::NotFinite,
+            DecodeError::TimeOutOfRange => DeadLetterReason::TimeOutOfRange,
             DecodeError::TooLong { field, .. } => match field {
-                Field::Metric => Reason::MetricTooLong,
-                Field::Unit => Reason::UnitTooLong,
-                Field::String => Reason::StringTooLong,
-                Field::Data => Reason::DataTooLong,
+                Field::Metric => DeadLetterReason::MetricTooLong,
+                Field::Unit => DeadLetterReason::UnitTooLong,
+                Field::String => DeadLetterReason::StringTooLong,
+                Field::Data => DeadLetterReason::DataTooLong,
             },
-            DecodeError::InvalidText { .. } => Reason::InvalidText,
-            DecodeError::TooManyRecords { .. } => Reason::TooManyRecords,
-            DecodeError::DecodedTooLarge { .. } => Reason::DecodedTooLarge,
+            DecodeError::InvalidText { .. } => DeadLetterReason::InvalidText,
+            DecodeError::TooManyRecords { .. } => DeadLetterReason::TooManyRecords,
+            DecodeError::DecodedTooLarge { .. } => DeadLetterReason::DecodedTooLarge,
         }
     }
 }
@@ -464,7 +464,7 @@ mod tests {
         pack.push(']');
         assert_eq!(
             decode(pack.as_bytes(), None, 0).map_err(|e| e.reason()),
-            Err(Reason::MetricTooLong)
+            Err(DeadLetterReason::MetricTooLong)
         );
         let limits = Limits {
             max_records: 3,
@@ -474,29 +474,35 @@ mod tests {
         for payload in [&four[..], &senml_cbor_of(four)] {
             assert_eq!(
                 decode_limited(payload, None, 0, &limits).map_err(|e| e.reason()),
-                Err(Reason::TooManyRecords)
+                Err(DeadLetterReason::TooManyRecords)
             );
         }
         let native =
             br#"{"seq":1,"samples":[{"ts":1,"m":{"a":1,"b":2}},{"ts":2,"m":{"a":1,"b":2}}]}"#;
         assert_eq!(
             decode_limited(native, None, 0, &limits).map_err(|e| e.reason()),
-            Err(Reason::TooManyRecords)
+            Err(DeadLetterReason::TooManyRecords)
         );
-        let cases: [(&[u8], Reason); 5] = [
+        let cases: [(&[u8], DeadLetterReason); 5] = [
             (
                 br#"{"seq":1,"ts":1,"m":{"a\u0000b":1}}"#,
-                Reason::InvalidText,
+                DeadLetterReason::InvalidText,
             ),
-            (br#"[{"n":"a","u":"\u0001","v":1}]"#, Reason::InvalidText),
-            (br#"[{"n":"a","vs":"x\u0000y"}]"#, Reason::InvalidText),
+            (
+                br#"[{"n":"a","u":"\u0001","v":1}]"#,
+                DeadLetterReason::InvalidText,
+            ),
+            (
+                br#"[{"n":"a","vs":"x\u0000y"}]"#,
+                DeadLetterReason::InvalidText,
+            ),
             (
                 br#"[{"n":"a","u":"0123456789012345678901234567890123","v":1}]"#,
-                Reason::UnitTooLong,
+                DeadLetterReason::UnitTooLong,
             ),
             (
                 br#"[{"n":"a","vd":"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo"}]"#,
-                Reason::DataTooLong,
+                DeadLetterReason::DataTooLong,
             ),
         ];
         let small = Limits {
@@ -518,7 +524,7 @@ mod tests {
         let three = br#"[{"n":"a","v":1},{"n":"a","v":2},{"n":"a","v":3}]"#;
         assert_eq!(
             decode_limited(three, None, 0, &tight).map_err(|e| e.reason()),
-            Err(Reason::DecodedTooLarge)
+            Err(DeadLetterReason::DecodedTooLarge)
         );
     }
 

@@ -83,7 +83,7 @@ pub struct Message {
 /// Why a message became a dead letter: the `reason` column of
 /// `dead_letters` and the label of `edge_gateway_dead_letters_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
+pub enum DeadLetterReason {
     Empty,
     UnknownShape,
     MalformedJson,
@@ -111,66 +111,66 @@ pub enum Reason {
     RejectedByDatabase,
 }
 
-impl Reason {
+impl DeadLetterReason {
     /// Every reason, in metric order.
-    pub const ALL: [Reason; 21] = [
-        Reason::Empty,
-        Reason::UnknownShape,
-        Reason::MalformedJson,
-        Reason::MalformedCbor,
-        Reason::InvalidSenml,
-        Reason::InvalidNative,
-        Reason::NotFinite,
-        Reason::TimeOutOfRange,
-        Reason::TimeSkew,
-        Reason::PayloadTooLarge,
-        Reason::UnknownTopic,
-        Reason::DeviceIdTooLong,
-        Reason::InvalidText,
-        Reason::MetricTooLong,
-        Reason::UnitTooLong,
-        Reason::StringTooLong,
-        Reason::DataTooLong,
-        Reason::TooManyRecords,
-        Reason::DecodedTooLarge,
-        Reason::TooManySeries,
-        Reason::RejectedByDatabase,
+    pub const ALL: [DeadLetterReason; 21] = [
+        DeadLetterReason::Empty,
+        DeadLetterReason::UnknownShape,
+        DeadLetterReason::MalformedJson,
+        DeadLetterReason::MalformedCbor,
+        DeadLetterReason::InvalidSenml,
+        DeadLetterReason::InvalidNative,
+        DeadLetterReason::NotFinite,
+        DeadLetterReason::TimeOutOfRange,
+        DeadLetterReason::TimeSkew,
+        DeadLetterReason::PayloadTooLarge,
+        DeadLetterReason::UnknownTopic,
+        DeadLetterReason::DeviceIdTooLong,
+        DeadLetterReason::InvalidText,
+        DeadLetterReason::MetricTooLong,
+        DeadLetterReason::UnitTooLong,
+        DeadLetterReason::StringTooLong,
+        DeadLetterReason::DataTooLong,
+        DeadLetterReason::TooManyRecords,
+        DeadLetterReason::DecodedTooLarge,
+        DeadLetterReason::TooManySeries,
+        DeadLetterReason::RejectedByDatabase,
     ];
 
     /// The stable label stored and exported.
     pub fn as_str(self) -> &'static str {
         match self {
-            Reason::Empty => "empty",
-            Reason::UnknownShape => "unknown_shape",
-            Reason::MalformedJson => "malformed_json",
-            Reason::MalformedCbor => "malformed_cbor",
-            Reason::InvalidSenml => "invalid_senml",
-            Reason::InvalidNative => "invalid_native",
-            Reason::NotFinite => "not_finite",
-            Reason::TimeOutOfRange => "time_out_of_range",
-            Reason::TimeSkew => "time_skew",
-            Reason::PayloadTooLarge => "payload_too_large",
-            Reason::UnknownTopic => "unknown_topic",
-            Reason::DeviceIdTooLong => "device_id_too_long",
-            Reason::InvalidText => "invalid_text",
-            Reason::MetricTooLong => "metric_too_long",
-            Reason::UnitTooLong => "unit_too_long",
-            Reason::StringTooLong => "string_too_long",
-            Reason::DataTooLong => "data_too_long",
-            Reason::TooManyRecords => "too_many_records",
-            Reason::DecodedTooLarge => "decoded_too_large",
-            Reason::TooManySeries => "too_many_series",
-            Reason::RejectedByDatabase => "rejected_by_database",
+            DeadLetterReason::Empty => "empty",
+            DeadLetterReason::UnknownShape => "unknown_shape",
+            DeadLetterReason::MalformedJson => "malformed_json",
+            DeadLetterReason::MalformedCbor => "malformed_cbor",
+            DeadLetterReason::InvalidSenml => "invalid_senml",
+            DeadLetterReason::InvalidNative => "invalid_native",
+            DeadLetterReason::NotFinite => "not_finite",
+            DeadLetterReason::TimeOutOfRange => "time_out_of_range",
+            DeadLetterReason::TimeSkew => "time_skew",
+            DeadLetterReason::PayloadTooLarge => "payload_too_large",
+            DeadLetterReason::UnknownTopic => "unknown_topic",
+            DeadLetterReason::DeviceIdTooLong => "device_id_too_long",
+            DeadLetterReason::InvalidText => "invalid_text",
+            DeadLetterReason::MetricTooLong => "metric_too_long",
+            DeadLetterReason::UnitTooLong => "unit_too_long",
+            DeadLetterReason::StringTooLong => "string_too_long",
+            DeadLetterReason::DataTooLong => "data_too_long",
+            DeadLetterReason::TooManyRecords => "too_many_records",
+            DeadLetterReason::DecodedTooLarge => "decoded_too_large",
+            DeadLetterReason::TooManySeries => "too_many_series",
+            DeadLetterReason::RejectedByDatabase => "rejected_by_database",
         }
     }
 
-    /// Position in [`Reason::ALL`].
+    /// Position in [`DeadLetterReason::ALL`].
     pub fn index(self) -> usize {
         self as usize
     }
 }
 
-impl std::fmt::Display for Reason {
+impl std::fmt::Display for DeadLetterReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn reasons_are_in_index_order() {
-        for (i, r) in Reason::ALL.iter().enumerate() {
+        for (i, r) in DeadLetterReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i, "{r}");
         }
     }

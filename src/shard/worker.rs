@@ -16,7 +16,7 @@ use super::Shard;
 use crate::analytics::engine::{Analytics, Footprint, Outputs};
 use crate::analytics::rules::RuleConfig;
 use crate::decode::decode_limited;
-use crate::model::{Message, Micros, Reason, MICROS_PER_SEC};
+use crate::model::{DeadLetterReason, Message, Micros, MICROS_PER_SEC};
 use crate::sink::batch::BatchId;
 use crate::sink::settings::PartitionInterval;
 use crate::sink::{Batch, SealedBatch};
@@ -312,7 +312,7 @@ impl Worker {
                     "the device would pass {} series (limits.max_series_per_device)",
                     self.config.limits.max_series_per_device
                 );
-                return self.dead_letter(&message, Reason::TooManySeries, &error);
+                return self.dead_letter(&message, DeadLetterReason::TooManySeries, &error);
             }
         }
         let verdict = self.dedup.check(
@@ -366,7 +366,7 @@ impl Worker {
 
     /// Counts a dead letter and stores it, within the device's budget. An
     /// oversized payload is stored cut to the payload limit.
-    fn dead_letter(&mut self, message: &Message, reason: Reason, error: &str) {
+    fn dead_letter(&mut self, message: &Message, reason: DeadLetterReason, error: &str) {
         self.metrics.dead_letter(reason);
         if self
             .dead_letters
@@ -388,16 +388,16 @@ impl Worker {
     fn check(
         &self,
         message: &Message,
-    ) -> Result<(crate::model::Decoded, Arc<str>), (Reason, String)> {
+    ) -> Result<(crate::model::Decoded, Arc<str>), (DeadLetterReason, String)> {
         let Some(device) = message.device.clone() else {
             return Err((
-                Reason::UnknownTopic,
+                DeadLetterReason::UnknownTopic,
                 format!("topic {:?} matches no configured filter", message.topic),
             ));
         };
         if device.len() > self.config.limits.max_device_id_bytes {
             return Err((
-                Reason::DeviceIdTooLong,
+                DeadLetterReason::DeviceIdTooLong,
                 format!(
                     "device id of {} bytes, limit {}",
                     device.len(),
@@ -407,13 +407,13 @@ impl Worker {
         }
         if !crate::model::clean_text(&device) {
             return Err((
-                Reason::InvalidText,
+                DeadLetterReason::InvalidText,
                 "device id holds a NUL or control character".into(),
             ));
         }
         if message.payload.len() > self.config.max_payload_bytes {
             return Err((
-                Reason::PayloadTooLarge,
+                DeadLetterReason::PayloadTooLarge,
                 format!(
                     "{} bytes, limit {}",
                     message.payload.len(),
@@ -436,7 +436,7 @@ impl Worker {
             .find(|r| r.time < earliest || r.time > latest)
         {
             return Err((
-                Reason::TimeSkew,
+                DeadLetterReason::TimeSkew,
                 format!(
                     "reading {:?} at {} is outside [{}, {}]",
                     r.metric,

@@ -18,7 +18,7 @@ use super::copy::{RowBuffer, HEADER};
 use super::settings::PartitionInterval;
 use crate::alerts::{Alert, AlertNotice};
 use crate::model::seq_window::SeqWindow;
-use crate::model::{Micros, Reading, Reason, Rollup, Value};
+use crate::model::{DeadLetterReason, Micros, Reading, Rollup, Value};
 
 /// Columns of `readings` in COPY order.
 pub const READINGS_COLUMNS: &str = "time, device_id, metric, value, unit, vs, vb, vd, sum";
@@ -217,7 +217,7 @@ impl Batch {
     pub fn push_dead_letter(
         &mut self,
         message: &crate::model::Message,
-        reason: Reason,
+        reason: DeadLetterReason,
         error: &str,
     ) {
         let entry = self.entry(message);
@@ -313,7 +313,7 @@ pub fn encode_dead_letter(
     topic: &str,
     device: Option<&str>,
     payload: &[u8],
-    reason: Reason,
+    reason: DeadLetterReason,
     error: &str,
 ) {
     let cut = |s| truncate(s, DEAD_LETTER_TEXT_BYTES);
@@ -383,7 +383,7 @@ mod tests {
             for (i, (device, payload, values, identity, seq, dead)) in entries.into_iter().enumerate() {
                 let m = message(i as u64, device.as_deref(), payload);
                 if dead || device.is_none() {
-                    batch.push_dead_letter(&m, Reason::MalformedJson, "bad");
+                    batch.push_dead_letter(&m, DeadLetterReason::MalformedJson, "bad");
                     continue;
                 }
                 let readings: Vec<Reading> = values

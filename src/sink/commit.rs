@@ -24,7 +24,7 @@ use super::copy::{select_rows, split_rows, RowBuffer};
 use super::partitions::Partitions;
 use crate::alerts::AlertNotice;
 use crate::model::seq_window::SeqWindow;
-use crate::model::{now_micros, Reason};
+use crate::model::{now_micros, DeadLetterReason};
 use crate::telemetry::Metrics;
 
 /// What every writer shares.
@@ -365,14 +365,15 @@ pub async fn commit(
                 todo.push(range.start..mid);
             }
             (Err(e), [m]) => {
-                ctx.metrics.dead_letter(Reason::RejectedByDatabase);
+                ctx.metrics
+                    .dead_letter(DeadLetterReason::RejectedByDatabase);
                 encode_dead_letter(
                     &mut dead,
                     m.received,
                     &m.topic,
                     m.device.as_deref(),
                     &m.payload,
-                    Reason::RejectedByDatabase,
+                    DeadLetterReason::RejectedByDatabase,
                     &describe(&e),
                 );
                 done.rejected += 1;

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use crate::model::Reason;
+use crate::model::DeadLetterReason;
 
 /// Upper bounds (seconds) of latency histogram buckets; fine between 10 and
 /// 500 ms, where the latency targets are, so quantiles read from the
@@ -95,7 +95,7 @@ pub struct Metrics {
     pub spool_corrupt_files: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub spool_segments: AtomicU64,
-    dead_letters: [AtomicU64; Reason::ALL.len()],
+    dead_letters: [AtomicU64; DeadLetterReason::ALL.len()],
     pub mqtt_connected: AtomicBool,
     pub mqtt_subscribed: AtomicBool,
     pub db_connected: AtomicBool,
@@ -111,7 +111,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counts one dead letter for `reason`.
-    pub fn dead_letter(&self, reason: Reason) {
+    pub fn dead_letter(&self, reason: DeadLetterReason) {
         self.dead_letters[reason.index()].fetch_add(1, Relaxed);
     }
 
@@ -334,7 +334,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP edge_gateway_spool_bytes Bytes in the disk spool.\n# TYPE edge_gateway_spool_bytes gauge\nedge_gateway_spool_bytes {}", self.spool_bytes.load(Relaxed));
         let _ = writeln!(out, "# HELP edge_gateway_spool_segments Segment files in the disk spool.\n# TYPE edge_gateway_spool_segments gauge\nedge_gateway_spool_segments {}", self.spool_segments.load(Relaxed));
         let _ = writeln!(out, "# HELP edge_gateway_dead_letters_total Messages written to dead_letters, by reason.\n# TYPE edge_gateway_dead_letters_total counter");
-        for (i, reason) in Reason::ALL.iter().enumerate() {
+        for (i, reason) in DeadLetterReason::ALL.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "edge_gateway_dead_letters_total{{reason=\"{reason}\"}} {}",
