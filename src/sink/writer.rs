@@ -8,7 +8,8 @@
 //! answer was lost all safe), message identities into `message_ids` (a
 //! message whose identity is already there is left out), readings and dead
 //! letters by COPY, sequence windows into `device_watermarks`; then commit,
-//! then the batch's message ids go to the ack ledger.
+//! then the batch's message ids go back to the intake (`done`), whose ledger
+//! releases their acks in order.
 //!
 //! When the database is unreachable or a batch fails for a transient reason,
 //! the batch goes to the spool and is acknowledged from there; later batches
@@ -17,14 +18,13 @@
 //! which stops its queue, its shards and finally intake; when it can neither
 //! commit nor spool for `pipeline.stall_secs` it stops the gateway.
 //!
-//! Errors are told apart by SQLSTATE (`connection::is_transient`): the connection or
-//! the server's availability is retried and spooled; anything else is the
-//! data's fault, and the batch is committed again with every part under a
-//! savepoint (`commit::commit` with `isolate`): refused messages become dead
-//! letters with the database's error, refused alert, rollup and window rows
-//! are left out and counted, the rest commits. A spooled batch replays the
+//! Errors are told apart by SQLSTATE (`connection::is_transient`): the
+//! connection or the server's availability is retried and spooled; anything
+//! else is the data's fault, and the batch is committed again with every
+//! part under a savepoint (`commit::commit` with `isolate`): refused
+//! messages become dead letters with the database's error, refused alert,
+//! rollup and window rows are left out and counted, the rest commits. A spooled batch replays the
 //! same way, so no input can stop a writer.
-
 //!
 //! This file is the loop: retry, spool, hold, replay. Committing is
 //! [`super::store`] (behind the [`Store`] trait) and [`super::commit`].
