@@ -256,43 +256,6 @@ fn counter(text: &str, name: &str) -> f64 {
     probe::metric(text, name).unwrap_or(0.0)
 }
 
-/// The q-quantile, in ms, of the observations between two snapshots of a
-/// histogram, interpolated linearly inside its bucket (as Prometheus'
-/// `histogram_quantile` does).
-fn quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|&(le, n)| {
-            let was = before
-                .iter()
-                .find(|(b, _)| *b == le)
-                .map_or(0.0, |(_, n)| *n);
-            (le, n - was)
-        })
-        .collect();
-    let total = delta.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut lower = (0.0, 0.0);
-    for &(le, n) in &delta {
-        if n >= rank {
-            if le.is_infinite() {
-                return Some(lower.0 * 1e3);
-            }
-            let share = if n > lower.1 {
-                (rank - lower.1) / (n - lower.1)
-            } else {
-                1.0
-            };
-            return Some((lower.0 + (le - lower.0) * share) * 1e3);
-        }
-        lower = (le, n);
-    }
-    None
-}
-
 // ---------------------------------------------------------------------------
 // Phases.
 
@@ -769,7 +732,7 @@ async fn run(o: Options) -> Result<()> {
         let now = probe::buckets(&text, latency);
         let copy = probe::buckets(&text, "edge_gateway_copy_seconds");
         let committed = counter(&text, "edge_gateway_readings_committed_total") as u64;
-        let ms = |q| quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
+        let ms = |q| probe::quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
         let row = client
             .query_one(
                 "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
@@ -786,7 +749,7 @@ async fn run(o: Options) -> Result<()> {
             committed - last_committed,
             ms(0.5),
             ms(0.99),
-            quantile_ms(&last_copy, &copy, 0.99).map_or("-".into(), |v| format!("{v:.0}")),
+            probe::quantile_ms(&last_copy, &copy, 0.99).map_or("-".into(), |v| format!("{v:.0}")),
         );
         last_copy = copy;
         last = now;
@@ -803,8 +766,8 @@ async fn run(o: Options) -> Result<()> {
     .await?;
     let paced_achieved = paced_published as f64 / o.paced_secs;
     let after = probe::buckets(&gw.metrics().await?, latency);
-    let p50 = quantile_ms(&before, &after, 0.5);
-    let p99 = quantile_ms(&before, &after, 0.99);
+    let p50 = probe::quantile_ms(&before, &after, 0.5);
+    let p99 = probe::quantile_ms(&before, &after, 0.99);
 
     // Soak: many devices at 80% of the burst rate, RSS over time.
     let mut soak_curve = Vec::new();

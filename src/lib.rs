@@ -34,6 +34,7 @@
 //! - `pipeline` uses alerts, analytics, config, model, settings, shard, sink, source, telemetry
 //! - `demo` uses config, local, pipeline, sink, telemetry
 //! - `backtest` uses analytics, config, model
+//! - `top` uses local
 //! - `local` uses config
 //! - `config` uses analytics, decode, model, settings, shard, sink, source
 //! - `source` uses alerts, model, settings, shard, telemetry, tls
@@ -69,3 +70,4 @@ pub mod sink;
 pub mod source;
 pub mod telemetry;
 pub mod tls;
+pub mod top;

@@ -51,6 +51,19 @@ enum Command {
         #[arg(long, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
+    /// A live view of a running gateway, from its HTTP endpoints (q quits).
+    Top {
+        /// The gateway's HTTP address (`http.addr`).
+        #[arg(long, default_value = "http://127.0.0.1:9187")]
+        url: String,
+        /// One line a second instead of the full screen (the default when
+        /// stdout is not a terminal).
+        #[arg(long)]
+        plain: bool,
+        /// Stop after this many seconds (default: until q or interrupted).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Run the detector offline over timestamp,value rows; write
     /// timestamp,value,anomaly_score per row.
     Replay {
@@ -176,6 +189,13 @@ async fn main() -> anyhow::Result<()> {
             );
             edge_gateway::pipeline::migrate(&config, &partitions).await?;
             println!("schema {} is up to date", config.database.schema);
+        }
+        Command::Top {
+            url,
+            plain,
+            seconds,
+        } => {
+            tokio::task::block_in_place(|| edge_gateway::top::run(&url, plain, seconds))?;
         }
         Command::Replay {
             config,

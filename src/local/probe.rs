@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 /// A minimal HTTP/1.0 GET to `127.0.0.1:port`: status and body; `None`
 /// when nothing answers (within 5 s) or the answer is not HTTP.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    get(&format!("127.0.0.1:{port}"), path)
+}
+
+/// [`http_get`] to `host:port`.
+pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut text = String::new();
@@ -42,6 +47,43 @@ pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
             Some((le, count.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// The q-quantile, in ms, of the observations between two snapshots of a
+/// histogram, interpolated linearly inside its bucket (as Prometheus'
+/// `histogram_quantile` does).
+pub fn quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, n)| *n);
+            (le, n - was)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in &delta {
+        if n >= rank {
+            if le.is_infinite() {
+                return Some(lower.0 * 1e3);
+            }
+            let share = if n > lower.1 {
+                (rank - lower.1) / (n - lower.1)
+            } else {
+                1.0
+            };
+            return Some((lower.0 + (le - lower.0) * share) * 1e3);
+        }
+        lower = (le, n);
+    }
+    None
 }
 
 /// What a process holds and has used, from `/proc`.

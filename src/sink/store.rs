@@ -138,6 +138,9 @@ impl Postgres {
                 m.reading_to_commit_latency
                     .observe_micros((now - msg.newest).max(0) as u64);
             }
+            for n in &batch.notifications {
+                m.recent_alert(&n.json);
+            }
             if let Some(alerts) = &ctx.alerts {
                 for n in &batch.notifications {
                     let _ = alerts.send(n.clone());

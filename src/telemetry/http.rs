@@ -1,5 +1,6 @@
-//! The HTTP endpoints: `GET /metrics` (Prometheus text), `GET /healthz`
-//! (the process is up), `GET /readyz` (subscribed to the broker, the
+//! The HTTP endpoints: `GET /metrics` (Prometheus text), `GET /alerts` (the
+//! last committed alerts as a JSON array, oldest first, for `top`),
+//! `GET /healthz` (the process is up), `GET /readyz` (subscribed to the broker, the
 //! database reachable, no writer stalled, no stage failed). Binds to
 //! localhost by default.
 //!
@@ -53,6 +54,11 @@ fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::OK,
             "text/plain; version=0.0.4",
             metrics.render(),
+        ),
+        "/alerts" => respond(
+            StatusCode::OK,
+            "application/json",
+            metrics.render_recent_alerts(),
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if metrics.ready() => respond(StatusCode::OK, "text/plain", "ready\n"),

@@ -107,7 +107,12 @@ pub struct Metrics {
     alerts_by_rule: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     pub receive_to_commit_latency: Histogram,
     ring_occupancy: Mutex<Vec<usize>>,
+    /// The JSON of the last committed alerts, oldest first.
+    recent_alerts: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Committed alerts kept for `/alerts`.
+pub const RECENT_ALERTS: usize = 50;
 
 impl Metrics {
     /// Counts one dead letter for `reason`.
@@ -130,6 +135,23 @@ impl Metrics {
     }
 
     /// Records the ring occupancy of every shard (called by the router).
+    /// Keeps a committed alert's JSON for `/alerts` (the last
+    /// [`RECENT_ALERTS`]).
+    pub fn recent_alert(&self, json: &str) {
+        let mut recent = self.recent_alerts.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_ALERTS {
+            recent.pop_front();
+        }
+        recent.push_back(json.to_string());
+    }
+
+    /// `/alerts`: a JSON array of the last committed alerts, oldest first.
+    pub fn render_recent_alerts(&self) -> String {
+        let recent = self.recent_alerts.lock().unwrap_or_else(|p| p.into_inner());
+        let items: Vec<&str> = recent.iter().map(String::as_str).collect();
+        format!("[{}]\n", items.join(","))
+    }
+
     pub fn set_ring_occupancy(&self, occupancy: Vec<usize>) {
         *self
             .ring_occupancy
