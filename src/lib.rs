@@ -32,7 +32,7 @@
 //! disagree or when the modules form a cycle.
 //!
 //! - `pipeline` uses alerts, analytics, config, model, settings, shard, sink, source, telemetry
-//! - `demo` uses config, local, pipeline, sink, telemetry
+//! - `demo` uses analytics, config, local, model, pipeline, sink, telemetry, top
 //! - `backtest` uses analytics, config, model
 //! - `top` uses local
 //! - `local` uses config

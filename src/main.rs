@@ -45,6 +45,10 @@ enum Command {
         /// Samples per message.
         #[arg(long, default_value_t = 10)]
         pack: usize,
+        /// Show the live view (`top`) of the demo's gateway instead of the
+        /// status line.
+        #[arg(long)]
+        top: bool,
     },
     /// Create the schema and partitions, then exit.
     Migrate {
@@ -172,12 +176,14 @@ async fn main() -> anyhow::Result<()> {
             devices,
             rate,
             pack,
+            top,
         } => {
             let options = edge_gateway::demo::DemoOptions {
                 seconds,
                 devices,
                 rate,
                 pack,
+                top,
             };
             edge_gateway::demo::run(options, shutdown_on_signals()).await?;
         }

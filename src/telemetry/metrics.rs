@@ -145,6 +145,22 @@ impl Metrics {
         recent.push_back(json.to_string());
     }
 
+    /// The last committed alert, shortly: `raised hot d1/temperature`.
+    pub fn last_alert(&self) -> Option<String> {
+        let recent = self
+            .recent_alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let v: serde_json::Value = serde_json::from_str(recent.back()?).ok()?;
+        Some(format!(
+            "{} {} {}/{}",
+            v["state"].as_str()?,
+            v["rule"].as_str()?,
+            v["device_id"].as_str()?,
+            v["metric"].as_str()?
+        ))
+    }
+
     /// `/alerts`: a JSON array of the last committed alerts, oldest first.
     pub fn render_recent_alerts(&self) -> String {
         let recent = self.recent_alerts.lock().unwrap_or_else(|p| p.into_inner());

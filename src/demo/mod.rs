@@ -1,8 +1,13 @@
 //! `edge-gateway demo`: the whole path on one machine with nothing set up
 //! by hand. An embedded broker (rumqttd), a throwaway PostgreSQL, the
-//! gateway and simulated devices in all four payload formats; a live status
-//! line; at the end, row counts read back from PostgreSQL. Everything is
-//! removed on exit or Ctrl-C.
+//! gateway and simulated devices in all four payload formats, with
+//! anomalies injected from the simulator's ground truth and rules that
+//! catch them at the edge; a live status line with the alerts as they come
+//! (or, with `--top`, the live view); at the end, row counts read back from
+//! PostgreSQL and the [`detection`] table against the ground truth.
+//! Everything is removed on exit or Ctrl-C.
+
+mod detection;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -24,6 +29,8 @@ pub struct DemoOptions {
     pub rate: f64,
     /// Samples per message.
     pub pack: usize,
+    /// Show `top` on the demo's gateway instead of the status line.
+    pub top: bool,
 }
 
 /// Why the demo could not run.
@@ -62,8 +69,11 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
     config.mqtt.url = broker.url(Protocol::V5);
     config.mqtt.client_id = "edge-gateway-demo".into();
     config.database.url = pg.url();
-    config.http.addr = "127.0.0.1:0".into();
+    let http_port = crate::local::free_port()?;
+    config.http.addr = format!("127.0.0.1:{http_port}");
     config.pipeline.summary_interval_secs = 0;
+    config.analytics.lateness_secs = 0.0;
+    config.rules = detection::rules(options.rate);
     let spool = tempfile::Builder::new()
         .prefix("edge-spool-")
         .tempdir()
@@ -95,13 +105,16 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "demo: gateway ready; {} devices x {} samples/s in 4 formats for {} s (Ctrl-C stops early)",
+        "demo: gateway ready; {} devices x {} samples/s in 4 formats for {} s, 2 anomalies per device (Ctrl-C stops early)",
         options.devices, options.rate, options.seconds
     );
+    let samples = ((options.seconds as f64 * options.rate) as u64).max(50);
+    let start_ms = crate::model::now_micros() / 1000;
 
     let sim_stop = stop.child_token();
     let per_format = options.devices.div_ceil(4);
     let mut sims = Vec::new();
+    let mut runs = Vec::new();
     for (i, format) in Format::ALL.into_iter().enumerate() {
         let devices = per_format.min(options.devices.saturating_sub(i * per_format));
         if devices == 0 {
@@ -111,21 +124,32 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
             broker: broker.url(Protocol::V311),
             devices,
             rate: options.rate,
-            seconds: Some(options.seconds as f64),
+            count: Some(samples),
+            start_ms: Some(start_ms),
             format,
             metrics: 3,
             pack: options.pack,
             device_prefix: format!("{}-", format.name()),
             client_id: format!("demo-sim-{}", format.name()),
             seed: i as u64 + 1,
+            anomalies: 2,
+            // Two seconds an episode (a spike is one sample).
+            anomaly_len: ((2.0 * options.rate) as u64).clamp(2, samples / 10),
             ..firmware_sim::SimConfig::default()
         };
+        runs.push((sim.clone(), start_ms));
         let stop = sim_stop.clone();
         sims.push(tokio::spawn(
             async move { firmware_sim::run(&sim, stop).await },
         ));
     }
 
+    if options.top {
+        let url = format!("http://127.0.0.1:{http_port}");
+        let seconds = Some(options.seconds + 5);
+        tokio::task::block_in_place(|| crate::top::run(&url, false, seconds))
+            .map_err(|e| DemoError::Other(e.to_string()))?;
+    }
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = 0u64;
@@ -133,12 +157,16 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
         tick.tick().await;
         let committed = metrics.readings_committed.load(Relaxed);
         println!(
-            "demo: {:>3} s  {:>8} readings/s  {:>10} rows committed  {:>6} dead letters  {:>5} batches",
+            "demo: {:>3} s  {:>8} readings/s  {:>10} rows committed  {:>6} dead letters  {:>4} alerts{}",
             started.elapsed().as_secs(),
             committed - last,
             committed,
             metrics.dead_letters_total(),
-            metrics.batches_committed.load(Relaxed),
+            metrics.alerts.load(Relaxed),
+            metrics
+                .last_alert()
+                .map(|a| format!("  last: {a}"))
+                .unwrap_or_default(),
         );
         last = committed;
     }
@@ -211,6 +239,32 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
         .get(0);
     println!(
         "  edge.readings total {total} rows ({distinct} distinct device/metric/time); edge.dead_letters {dead} rows"
+    );
+    let raised: Vec<detection::Raised> = client
+        .query(
+            "SELECT (extract(epoch FROM time) * 1000000)::int8, device_id, metric, rule \
+             FROM edge.alerts WHERE state = 'raised' ORDER BY time",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| detection::Raised {
+            time_ms: detection::ms(r.get(0)),
+            device: r.get(1),
+            metric: r.get(2),
+            rule: r.get(3),
+        })
+        .collect();
+    let (table, complete) = detection::table(&runs, &raised);
+    println!("demo: injected anomalies (firmware-sim's ground truth) and the alerts raised at the edge:");
+    print!("{table}");
+    println!(
+        "demo: {}",
+        if complete {
+            "every injected spike and level shift raised an alert"
+        } else {
+            "NOT every injected spike and level shift raised an alert"
+        }
     );
     if total as u64 == published && distinct == total {
         println!("demo: every published reading is in PostgreSQL, none twice");
