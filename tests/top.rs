@@ -163,7 +163,11 @@ async fn top_shows_live_figures_and_alerts_and_q_leaves_the_terminal_usable() {
         (!tmux.alternate_on()).then_some(())
     })
     .await;
-    assert!(back.is_some(), "still full screen after q:\n{}", tmux.screen());
+    assert!(
+        back.is_some(),
+        "still full screen after q:\n{}",
+        tmux.screen()
+    );
     tmux.send(&["echo usable-$((6 * 7))", "Enter"]);
     tmux.shows("the shell answering", |s| s.contains("usable-42"))
         .await;
@@ -196,7 +200,11 @@ async fn plain_top_without_a_terminal_prints_a_line_a_second() {
     });
     stop.cancel();
     task.await.expect("load");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() >= 2, "{text}");

@@ -78,18 +78,21 @@ struct Injected {
     caught: Option<(i64, String)>,
 }
 
-/// What a simulator run injected: (device id, metric, kind, first and last
-/// sample time in ms).
-fn injected(config: &SimConfig, start_ms: i64) -> Vec<Injected> {
-    let step = if config.rate > 0.0 {
+/// Milliseconds between a simulated device's samples.
+fn step_ms(config: &SimConfig) -> i64 {
+    config.step_ms.unwrap_or(if config.rate > 0.0 {
         (1000.0 / config.rate) as i64
     } else {
         1000
-    };
+    })
+}
+
+/// What a simulator run injected: (device id, metric, kind, first and last
+/// sample time in ms).
+fn injected(config: &SimConfig, start_ms: i64) -> Vec<Injected> {
+    let step = step_ms(config);
     (0..config.devices)
-        .flat_map(|d| {
-            episodes(config, d).into_iter().map(move |e| (d, e))
-        })
+        .flat_map(|d| episodes(config, d).into_iter().map(move |e| (d, e)))
         .map(|(d, e)| Injected {
             device: firmware_sim::device_id(&config.device_prefix, d),
             metric: if e.kind == AnomalyKind::Dropout {
@@ -114,11 +117,20 @@ pub fn table(runs: &[(SimConfig, i64)], alerts: &[Raised]) -> (String, bool) {
         .iter()
         .flat_map(|(config, start_ms)| injected(config, *start_ms))
         .collect();
+    // Once the devices have stopped, silence is the truth, not an alarm.
+    let run_end = runs
+        .iter()
+        .map(|(c, start)| start + c.count.unwrap_or(0) as i64 * step_ms(c))
+        .max()
+        .unwrap_or(i64::MAX);
+    let (alerts, after): (Vec<&Raised>, Vec<&Raised>) =
+        alerts.iter().partition(|a| a.time_ms <= run_end + GRACE_MS);
     let mut matched = vec![false; alerts.len()];
     for inj in &mut all {
         for (i, a) in alerts.iter().enumerate() {
             let same_series = a.device == inj.device
-                && (a.metric == inj.metric || (inj.kind == AnomalyKind::Dropout && a.metric.is_empty()));
+                && (a.metric == inj.metric
+                    || (inj.kind == AnomalyKind::Dropout && a.metric.is_empty()));
             if same_series && a.time_ms >= inj.start_ms && a.time_ms <= inj.end_ms + GRACE_MS {
                 matched[i] = true;
                 if inj.caught.as_ref().is_none_or(|(t, _)| a.time_ms < *t) {
@@ -158,11 +170,30 @@ pub fn table(runs: &[(SimConfig, i64)], alerts: &[Raised]) -> (String, bool) {
             rules.join(", ")
         ));
     }
-    let false_alarms = matched.iter().filter(|m| !**m).count();
+    let mut false_by_rule: BTreeMap<&str, usize> = BTreeMap::new();
+    for (a, _) in alerts.iter().zip(&matched).filter(|(_, m)| !**m) {
+        *false_by_rule.entry(a.rule.as_str()).or_default() += 1;
+    }
+    let false_alarms: usize = false_by_rule.values().sum();
+    let by_rule: Vec<String> = false_by_rule
+        .iter()
+        .map(|(rule, n)| format!("{rule} {n}"))
+        .collect();
     out.push_str(&format!(
-        "  false alarms: {false_alarms} of {} raised alerts matched no injected anomaly\n",
-        alerts.len()
+        "  false alarms: {false_alarms} of {} raised alerts matched no injected anomaly{}\n",
+        alerts.len(),
+        if by_rule.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", by_rule.join(", "))
+        }
     ));
+    if !after.is_empty() {
+        out.push_str(&format!(
+            "  and {} raised after the devices stopped (silence at the end of the run)\n",
+            after.len()
+        ));
+    }
     let must = all
         .iter()
         .filter(|i| matches!(i.kind, AnomalyKind::Spike | AnomalyKind::Shift));

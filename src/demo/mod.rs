@@ -256,7 +256,9 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<(), De
         })
         .collect();
     let (table, complete) = detection::table(&runs, &raised);
-    println!("demo: injected anomalies (firmware-sim's ground truth) and the alerts raised at the edge:");
+    println!(
+        "demo: injected anomalies (firmware-sim's ground truth) and the alerts raised at the edge:"
+    );
     print!("{table}");
     println!(
         "demo: {}",

@@ -147,10 +147,7 @@ impl Metrics {
 
     /// The last committed alert, shortly: `raised hot d1/temperature`.
     pub fn last_alert(&self) -> Option<String> {
-        let recent = self
-            .recent_alerts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let recent = self.recent_alerts.lock().unwrap_or_else(|p| p.into_inner());
         let v: serde_json::Value = serde_json::from_str(recent.back()?).ok()?;
         Some(format!(
             "{} {} {}/{}",
