@@ -124,7 +124,7 @@ pub fn table(runs: &[(SimConfig, i64)], alerts: &[Raised]) -> (String, bool) {
         .max()
         .unwrap_or(i64::MAX);
     let (alerts, after): (Vec<&Raised>, Vec<&Raised>) =
-        alerts.iter().partition(|a| a.time_ms <= run_end + GRACE_MS);
+        alerts.iter().partition(|a| a.time_ms <= run_end);
     let mut matched = vec![false; alerts.len()];
     for inj in &mut all {
         for (i, a) in alerts.iter().enumerate() {

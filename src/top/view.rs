@@ -202,9 +202,9 @@ fn draw(frame: &mut Frame, url: &str, answering: bool, f: &Figures, recent: &[Re
             [
                 Constraint::Length(28),
                 Constraint::Length(8),
-                Constraint::Length(16),
-                Constraint::Length(14),
-                Constraint::Length(14),
+                Constraint::Length(18),
+                Constraint::Length(12),
+                Constraint::Length(18),
                 Constraint::Min(8),
             ],
         )
