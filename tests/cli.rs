@@ -291,3 +291,40 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(retry["level"].as_str(), Some("WARN"));
     assert!(retry["fields"]["retry_in_ms"].is_u64(), "{retry}");
 }
+
+/// `demo` as a new user runs it: alerts in the live line, then the table of
+/// injected anomalies against the ground truth, every spike and level
+/// shift caught.
+#[test]
+fn demo_shows_alerts_live_and_ends_with_the_detection_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+        .args(["demo", "--seconds", "12", "--devices", "20"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines().any(|l| l.contains(" alerts  last: raised")),
+        "no alert in the live line:\n{text}"
+    );
+    for kind in ["spike", "shift", "drift", "stuck", "dropout"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(kind)),
+            "no {kind} row:\n{text}"
+        );
+    }
+    assert!(text.contains("false alarms:"), "{text}");
+    assert!(
+        text.contains("every injected spike and level shift raised an alert"),
+        "{text}"
+    );
+    assert!(
+        text.contains("every published reading is in PostgreSQL, none twice"),
+        "{text}"
+    );
+}

@@ -195,8 +195,12 @@ async fn run_inner(
     );
     let mut queues = Vec::with_capacity(writers);
     let mut health = Vec::with_capacity(writers);
+    let mut writer_queues = Vec::with_capacity(writers);
     for (id, spool) in spools.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
+        // Observed without keeping the queue open: the writer must see it
+        // close at shutdown.
+        writer_queues.push(tx.downgrade());
         queues.push(tx);
         let h = Arc::new(writer::WriterHealth::default());
         health.push(h.clone());
@@ -246,7 +250,7 @@ async fn run_inner(
         config.clone(),
         router.clone(),
         metrics.clone(),
-        health,
+        (health, writer_queues),
         background.clone(),
     ));
 
@@ -352,7 +356,10 @@ async fn observe(
     config: Config,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
-    writers: Vec<Arc<writer::WriterHealth>>,
+    (writers, queues): (
+        Vec<Arc<writer::WriterHealth>>,
+        Vec<mpsc::WeakSender<crate::sink::SealedBatch>>,
+    ),
     stop: CancellationToken,
 ) {
     let stall = Duration::from_secs(config.pipeline.stall_secs);
@@ -366,6 +373,12 @@ async fn observe(
             _ = tick.tick() => {}
         }
         metrics.set_ring_occupancy(router.occupancy());
+        metrics.set_writer_queues(
+            queues
+                .iter()
+                .map(|q| q.upgrade().map_or(0, |q| q.max_capacity() - q.capacity()))
+                .collect(),
+        );
         let stalled = writers.iter().filter(|w| w.stalled(stall)).count() as u64;
         if stalled > metrics.writers_stalled.swap(stalled, Relaxed) {
             tracing::error!(

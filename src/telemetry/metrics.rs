@@ -107,6 +107,7 @@ pub struct Metrics {
     alerts_by_rule: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     pub receive_to_commit_latency: Histogram,
     ring_occupancy: Mutex<Vec<usize>>,
+    writer_queues: Mutex<Vec<usize>>,
     /// The JSON of the last committed alerts, oldest first.
     recent_alerts: Mutex<std::collections::VecDeque<String>>,
 }
@@ -163,6 +164,11 @@ impl Metrics {
         let recent = self.recent_alerts.lock().unwrap_or_else(|p| p.into_inner());
         let items: Vec<&str> = recent.iter().map(String::as_str).collect();
         format!("[{}]\n", items.join(","))
+    }
+
+    /// Sealed batches waiting in each writer's queue.
+    pub fn set_writer_queues(&self, depths: Vec<usize>) {
+        *self.writer_queues.lock().unwrap_or_else(|p| p.into_inner()) = depths;
     }
 
     pub fn set_ring_occupancy(&self, occupancy: Vec<usize>) {
@@ -403,6 +409,16 @@ impl Metrics {
             .enumerate()
         {
             let _ = writeln!(out, "edge_gateway_ring_occupancy{{shard=\"{shard}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP edge_gateway_writer_queue Sealed batches waiting in each writer's queue.\n# TYPE edge_gateway_writer_queue gauge");
+        for (writer, n) in self
+            .writer_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(out, "edge_gateway_writer_queue{{writer=\"{writer}\"}} {n}");
         }
         let _ = writeln!(out, "# HELP edge_gateway_alerts_by_rule_total Alert transitions by rule and state.\n# TYPE edge_gateway_alerts_by_rule_total counter");
         for ((rule, state), n) in self

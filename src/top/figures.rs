@@ -68,6 +68,8 @@ pub struct Figures {
     pub not_durable: f64,
     /// Messages waiting in each shard's ring.
     pub rings: Vec<(String, f64)>,
+    /// Sealed batches waiting in each writer's queue.
+    pub writer_queues: Vec<(String, f64)>,
     pub spool_bytes: f64,
     pub spool_segments: f64,
     pub writers_stalled: f64,
@@ -99,6 +101,7 @@ impl Figures {
             in_flight: now.get("edge_gateway_messages_in_flight"),
             not_durable: now.get("edge_gateway_messages_not_durable"),
             rings: now.labelled("edge_gateway_ring_occupancy"),
+            writer_queues: now.labelled("edge_gateway_writer_queue"),
             spool_bytes: now.get("edge_gateway_spool_bytes"),
             spool_segments: now.get("edge_gateway_spool_segments"),
             writers_stalled: now.get("edge_gateway_writers_stalled"),

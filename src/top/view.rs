@@ -130,12 +130,18 @@ fn draw(frame: &mut Frame, url: &str, answering: bool, f: &Figures, recent: &[Re
         .block(pane("Flow")),
         flow,
     );
-    let rings: Vec<Row> = f
-        .rings
-        .iter()
-        .map(|(shard, n)| Row::new(vec![format!("shard {shard} ring"), format!("{n:.0}")]))
-        .collect();
-    frame.render_widget(Table::new(rings, widths).block(pane("Shards")), shards);
+    let queues: Vec<Row> =
+        f.rings
+            .iter()
+            .map(|(shard, n)| Row::new(vec![format!("shard {shard} ring"), format!("{n:.0}")]))
+            .chain(f.writer_queues.iter().map(|(writer, n)| {
+                Row::new(vec![format!("writer {writer} queue"), format!("{n:.0}")])
+            }))
+            .collect();
+    frame.render_widget(
+        Table::new(queues, widths).block(pane("Queues (messages, batches)")),
+        shards,
+    );
 
     let [storage, dead, analytics] = Layout::horizontal([
         Constraint::Percentage(34),
