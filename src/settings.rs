@@ -1,7 +1,7 @@
 //! What every stage's settings share: the error that names a key and says
 //! why, and the checks more than one stage makes. Each stage owns its
-//! settings (`source::settings`, `sink::settings`, ...); [`crate::config`]
-//! gathers them into one file.
+//! settings (`source::settings`, `sink::settings`, ...); the `config`
+//! module gathers them into one file.
 
 /// A setting that cannot be used: its key (`database.batch_rows`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

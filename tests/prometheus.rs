@@ -168,23 +168,12 @@ fn devices(
     malformed: f64,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let mut config = sim(broker, Format::NativeCbor, 5, 1, now_ms());
-    config.count = None;
-    config.seconds = Some(600.0);
     config.rate = 10.0;
     config.pack = 1;
     config.malformed_rate = malformed;
     config.device_prefix = prefix.into();
     config.client_id = format!("sim-{prefix}");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            if let Err(e) = firmware_sim::run(&config, stop).await {
-                panic!("{}: {e}", config.device_prefix);
-            }
-        }
-    });
-    (stop, task)
+    spawn_sim_until_stopped(&config)
 }
 
 #[test]

@@ -95,20 +95,9 @@ fn figure(screen: &str, label: &str) -> Option<f64> {
 /// Devices publishing until stopped.
 fn load(broker: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let mut config = sim(broker, Format::NativeCbor, 10, 1, now_ms());
-    config.count = None;
-    config.seconds = Some(600.0);
     config.rate = 20.0;
     config.pack = 2;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            if let Err(e) = firmware_sim::run(&config, stop).await {
-                panic!("load: {e}");
-            }
-        }
-    });
-    (stop, task)
+    spawn_sim_until_stopped(&config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,7 +166,8 @@ impl SimConfig {
         broker_addr(&self.broker).map(|_| ())
     }
 
-    pub(crate) fn step(&self) -> i64 {
+    /// Milliseconds between a device's samples.
+    pub fn step(&self) -> i64 {
         self.step_ms.unwrap_or(if self.rate > 0.0 {
             (1000.0 / self.rate).round().max(1.0) as i64
         } else {

@@ -78,19 +78,10 @@ struct Injected {
     caught: Option<(i64, String)>,
 }
 
-/// Milliseconds between a simulated device's samples.
-fn step_ms(config: &SimConfig) -> i64 {
-    config.step_ms.unwrap_or(if config.rate > 0.0 {
-        (1000.0 / config.rate) as i64
-    } else {
-        1000
-    })
-}
-
 /// What a simulator run injected: (device id, metric, kind, first and last
 /// sample time in ms).
 fn injected(config: &SimConfig, start_ms: i64) -> Vec<Injected> {
-    let step = step_ms(config);
+    let step = config.step();
     (0..config.devices)
         .flat_map(|d| episodes(config, d).into_iter().map(move |e| (d, e)))
         .map(|(d, e)| Injected {
@@ -120,7 +111,7 @@ pub fn table(runs: &[(SimConfig, i64)], alerts: &[Raised]) -> (String, bool) {
     // Once the devices have stopped, silence is the truth, not an alarm.
     let run_end = runs
         .iter()
-        .map(|(c, start)| start + c.count.unwrap_or(0) as i64 * step_ms(c))
+        .map(|(c, start)| start + c.count.unwrap_or(0) as i64 * c.step())
         .max()
         .unwrap_or(i64::MAX);
     let (alerts, after): (Vec<&Raised>, Vec<&Raised>) =

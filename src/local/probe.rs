@@ -160,10 +160,16 @@ pub fn terminate(child: &mut Child, within: Duration) -> Option<ExitStatus> {
 /// Waits up to `within` for `child` to exit; its status, or `None` when it
 /// still runs.
 pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    poll(within, || child.try_wait().ok().flatten())
+}
+
+/// Calls `check` every 20 ms until it gives a value or `within` has passed
+/// (`None` then), blocking the thread.
+pub fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
+        if let Some(value) = check() {
+            return Some(value);
         }
         if Instant::now() >= deadline {
             return None;

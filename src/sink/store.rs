@@ -140,9 +140,7 @@ impl Postgres {
             }
             for n in &batch.notifications {
                 m.recent_alert(&n.json);
-            }
-            if let Some(alerts) = &ctx.alerts {
-                for n in &batch.notifications {
+                if let Some(alerts) = &ctx.alerts {
                     let _ = alerts.send(n.clone());
                 }
             }

@@ -400,26 +400,33 @@ impl Metrics {
             "1 while the last database operation succeeded.",
             u64::from(self.db_connected.load(Relaxed)),
         );
-        let _ = writeln!(out, "# HELP edge_gateway_ring_occupancy Messages waiting in each shard ring.\n# TYPE edge_gateway_ring_occupancy gauge");
-        for (shard, n) in self
-            .ring_occupancy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .enumerate()
-        {
-            let _ = writeln!(out, "edge_gateway_ring_occupancy{{shard=\"{shard}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP edge_gateway_writer_queue Sealed batches waiting in each writer's queue.\n# TYPE edge_gateway_writer_queue gauge");
-        for (writer, n) in self
-            .writer_queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .enumerate()
-        {
-            let _ = writeln!(out, "edge_gateway_writer_queue{{writer=\"{writer}\"}} {n}");
-        }
+        // One gauge a shard or writer, labelled by its index.
+        let per_index =
+            |out: &mut String, name: &str, help: &str, label: &str, values: &Mutex<Vec<usize>>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (i, n) in values
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .enumerate()
+                {
+                    let _ = writeln!(out, "{name}{{{label}=\"{i}\"}} {n}");
+                }
+            };
+        per_index(
+            &mut out,
+            "edge_gateway_ring_occupancy",
+            "Messages waiting in each shard ring.",
+            "shard",
+            &self.ring_occupancy,
+        );
+        per_index(
+            &mut out,
+            "edge_gateway_writer_queue",
+            "Sealed batches waiting in each writer's queue.",
+            "writer",
+            &self.writer_queues,
+        );
         let _ = writeln!(out, "# HELP edge_gateway_alerts_by_rule_total Alert transitions by rule and state.\n# TYPE edge_gateway_alerts_by_rule_total counter");
         for ((rule, state), n) in self
             .alerts_by_rule

@@ -47,6 +47,18 @@ struct Reading {
     at: Instant,
 }
 
+impl Reading {
+    /// Seconds since `last`.
+    fn secs_since(&self, last: &Reading) -> f64 {
+        self.at.duration_since(last.at).as_secs_f64()
+    }
+
+    /// The figures between `last` and this reading.
+    fn figures_since(&self, last: &Reading) -> Figures {
+        Figures::between(&last.scrape, &self.scrape, self.secs_since(last))
+    }
+}
+
 fn read(addr: &str) -> Option<Reading> {
     let (status, text) = probe::get(addr, "/metrics")?;
     (status == 200).then(|| Reading {
@@ -87,11 +99,7 @@ fn run_plain(addr: &str, mut last: Reading, until: Option<Instant>) -> Result<()
             writeln!(out, "gateway not answering at {addr}")?;
             continue;
         };
-        let figures = Figures::between(
-            &last.scrape,
-            &now.scrape,
-            now.at.duration_since(last.at).as_secs_f64(),
-        );
+        let figures = now.figures_since(&last);
         let newest = alerts(addr)
             .first()
             .map(|a| {

@@ -38,9 +38,8 @@ fn refresh_loop(
             next = Instant::now() + Duration::from_secs(1);
             let answering = match read(addr) {
                 Some(now) => {
-                    let secs = now.at.duration_since(last.at).as_secs_f64();
-                    if secs > 0.2 {
-                        figures = Figures::between(&last.scrape, &now.scrape, secs);
+                    if now.secs_since(&last) > 0.2 {
+                        figures = now.figures_since(&last);
                         last = now;
                     }
                     recent = alerts(addr);

@@ -233,18 +233,7 @@ pub async fn eventually<T>(
 }
 
 /// [`eventually`] for code outside the runtime (the process helpers).
-pub fn eventually_blocking<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(POLL);
-    }
-}
+pub use edge_gateway::local::probe::poll as eventually_blocking;
 
 /// Connects to PostgreSQL.
 pub async fn db(url: &str) -> Client {
@@ -407,6 +396,26 @@ pub fn spawn_sim(config: &SimConfig) -> tokio::task::JoinHandle<firmware_sim::Su
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", config.device_prefix))
     })
+}
+
+/// Runs `config` without a sample count until the returned token is
+/// cancelled (or 600 s pass).
+pub fn spawn_sim_until_stopped(
+    config: &SimConfig,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let mut config = config.clone();
+    config.count = None;
+    config.seconds = Some(600.0);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if let Err(e) = firmware_sim::run(&config, stop).await {
+                panic!("{}: {e}", config.device_prefix);
+            }
+        }
+    });
+    (stop, task)
 }
 
 /// Milliseconds since the epoch.
