@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q --bin edge-gateway
-exec python3 benches/nab_loco.py
+exec python3 benches/nab_loco.py "$@"

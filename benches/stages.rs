@@ -136,7 +136,7 @@ fn bench_analytics(c: &mut Criterion) {
     group.bench_function("windows3_detector_rule", |b| {
         let layout = Layout::new(&[10_000_000, 60_000_000, 300_000_000], 5);
         let mut windows = Windows::new(&layout);
-        let anomaly = AnomalyConfig::default();
+        let anomaly = AnomalyConfig::default().prepare();
         let mut detector = Detector::new(&anomaly);
         let mut state = RuleState::new(0);
         let mut t = 0i64;
@@ -146,6 +146,15 @@ fn bench_analytics(c: &mut Criterion) {
             windows.push(&layout, t, v);
             let score = detector.update(&anomaly, v);
             state.update(&rule, t, v, score)
+        })
+    });
+    group.bench_function("detector", |b| {
+        let anomaly = AnomalyConfig::default().prepare();
+        let mut detector = Detector::new(&anomaly);
+        let mut i = 0u64;
+        b.iter(|| {
+            i += 1;
+            detector.update(&anomaly, 20.0 + (i % 17) as f64 * 0.7)
         })
     });
     group.bench_function("engine_observe", |b| {

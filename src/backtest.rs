@@ -73,7 +73,8 @@ pub fn run(config: &Config, input: &Path, output: &Path) -> Result<BacktestStats
     let reader = std::io::BufReader::new(std::fs::File::open(input).map_err(io(input))?);
     let mut out = BufWriter::new(std::fs::File::create(output).map_err(io(output))?);
     writeln!(out, "timestamp,value,anomaly_score").map_err(io(output))?;
-    let mut detector = Detector::new(&config.anomaly);
+    let settings = config.anomaly.prepare();
+    let mut detector = Detector::new(&settings);
     let mut stats = BacktestStats::default();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io(input))?;
@@ -97,7 +98,7 @@ pub fn run(config: &Config, input: &Path, output: &Path) -> Result<BacktestStats
         if !v.is_finite() {
             return Err(bad("value is not finite"));
         }
-        let score = detector.update(&config.anomaly, v);
+        let score = detector.update(&settings, v);
         stats.rows += 1;
         stats.max_score = stats.max_score.max(score);
         writeln!(out, "{ts},{},{score:.6}", value.trim()).map_err(io(output))?;

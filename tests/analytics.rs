@@ -173,8 +173,9 @@ async fn a_rule_crossing_alerts_once_in_the_table_on_notify_and_on_mqtt() {
 }
 
 /// Simulated devices with injected anomalies: the threshold rule sees
-/// every spike exactly (one raise at the spike, one clear after), and the
-/// alerts reach the table, LISTEN and the MQTT topic alike.
+/// every spike exactly (one raise at the spike, one clear after), the
+/// anomaly detector raises an alert at every spike and level shift, and
+/// the alerts reach the table, LISTEN and the MQTT topic alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_anomalies_produce_the_expected_alerts() {
     use firmware_sim::AnomalyKind;
@@ -193,12 +194,15 @@ async fn injected_anomalies_produce_the_expected_alerts() {
     let mut config = sim(
         &broker.url(),
         edge_payload::Format::NativeCbor,
-        4,
+        8,
         800,
         start_ms,
     );
+    // One episode a device, after 160 normal readings: each is new to its
+    // series (a repeat of one the series already had is not unusual to the
+    // detector, see below).
     config.metrics = 1;
-    config.anomalies = 4;
+    config.anomalies = 1;
     config.anomaly_kinds = vec![AnomalyKind::Spike, AnomalyKind::Shift];
     config.anomaly_len = 40;
     let summary = firmware_sim::run(&config, tokio_util::sync::CancellationToken::new())
@@ -208,22 +212,20 @@ async fn injected_anomalies_produce_the_expected_alerts() {
     assert_landed(&client, &gateway, &config).await;
 
     let mut want = Vec::new();
-    let mut shifts = Vec::new();
+    let mut episodes = Vec::new();
     for d in 0..config.devices {
         let device = firmware_sim::device_id(&config.device_prefix, d);
         for e in firmware_sim::episodes(&config, d) {
             let at = start_ms + e.start as i64 * 1000;
-            match e.kind {
-                AnomalyKind::Spike => {
-                    want.push((device.clone(), "raised".to_string(), at));
-                    want.push((device.clone(), "cleared".to_string(), at + 1000));
-                }
-                _ => shifts.push((device.clone(), at, at + e.len as i64 * 1000)),
+            if e.kind == AnomalyKind::Spike {
+                want.push((device.clone(), "raised".to_string(), at));
+                want.push((device.clone(), "cleared".to_string(), at + 1000));
             }
+            episodes.push((device.clone(), e.kind, at));
         }
     }
     assert!(
-        !want.is_empty() && !shifts.is_empty(),
+        !want.is_empty() && episodes.len() > want.len() / 2,
         "the seed gives both kinds"
     );
     let mut got: Vec<(String, String, i64)> = client
@@ -243,7 +245,11 @@ async fn injected_anomalies_produce_the_expected_alerts() {
         "every spike alerts exactly once, nothing else does"
     );
 
-    // The detector: which shifts raised an anomaly alert inside them.
+    // The detector: every spike and shift raises an anomaly alert at most
+    // 10 readings (10 s) after it starts; the delays are printed. A spike
+    // or shift like one the series already had, inside the range seen so
+    // far, is not unusual to the detector (see the README): a threshold
+    // rule like `spike` above is what sees every repeat.
     let anomaly: Vec<(String, i64)> = client
         .query(
             "SELECT device_id, (extract(epoch FROM time) * 1000)::int8 FROM edge.alerts WHERE rule = 'anomaly' AND state = 'raised'",
@@ -254,16 +260,26 @@ async fn injected_anomalies_produce_the_expected_alerts() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let caught = shifts
-        .iter()
-        .filter(|(d, a, b)| anomaly.iter().any(|(ad, t)| ad == d && (a..b).contains(&t)))
-        .count();
-    eprintln!(
-        "detector: {caught} of {} shifts caught, {} anomaly alerts in all",
-        shifts.len(),
-        anomaly.len()
+    let mut delays = Vec::new();
+    for (device, kind, at) in &episodes {
+        let delay = anomaly
+            .iter()
+            .filter(|(d, t)| d == device && (*at..=at + 10_000).contains(t))
+            .map(|(_, t)| t - at)
+            .min();
+        eprintln!("detector: {kind:?} on {device} at {at}: alert after {delay:?} ms");
+        delays.push((*kind, delay));
+    }
+    for kind in [AnomalyKind::Spike, AnomalyKind::Shift] {
+        assert!(
+            delays.iter().any(|(k, _)| *k == kind),
+            "the seed gives a {kind:?}"
+        );
+    }
+    assert!(
+        delays.iter().all(|(_, d)| d.is_some()),
+        "the detector catches every episode: {delays:?}"
     );
-    assert!(caught >= 1, "the detector catches a level shift");
 
     let total: i64 = client
         .query_one("SELECT count(*) FROM edge.alerts", &[])

@@ -106,7 +106,7 @@ impl Analytics {
         Analytics {
             steps: Steps {
                 layout: Layout::new(&durations, config.window_buckets),
-                anomaly,
+                anomaly: anomaly.prepare(),
                 rules,
                 rollups: config.rollups,
             },
@@ -534,11 +534,10 @@ mod tests {
         let s = &series[0];
         assert!(
             s.memory() + s.reorder.heap_bytes() <= 1024,
-            "{} bytes of state: inline {}, windows {}, detector {}, rules {}; {} held",
+            "{} bytes of state: inline {}, windows {}, rules {}; {} held",
             s.memory(),
             std::mem::size_of::<Series>(),
             s.windows.heap_bytes(),
-            s.detector.heap_bytes(),
             std::mem::size_of_val(&*s.rules),
             s.reorder.heap_bytes()
         );

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::anomaly::{AnomalyConfig, Detector};
+use super::anomaly::{Detector, Settings};
 use super::rules::{Kind, RuleConfig, RuleState, Sequence, Silence, State};
 use super::window::{Layout, Reorder, Windows};
 use crate::alerts::{finite, Alert};
@@ -75,13 +75,12 @@ impl Series {
     pub(super) fn memory(&self) -> usize {
         std::mem::size_of::<Series>()
             + self.windows.heap_bytes()
-            + self.detector.heap_bytes()
             + std::mem::size_of_val(&*self.rules)
     }
 
     pub(super) fn new(
         layout: &Layout,
-        anomaly: &AnomalyConfig,
+        anomaly: &Settings,
         rules: &[RuleConfig],
         device: &str,
         metric: Arc<str>,
@@ -152,7 +151,7 @@ impl Minute {
 /// layout, the detector's settings, the rules, whether rollups are made.
 pub(super) struct Steps {
     pub(super) layout: Layout,
-    pub(super) anomaly: AnomalyConfig,
+    pub(super) anomaly: Settings,
     pub(super) rules: Arc<Vec<RuleConfig>>,
     pub(super) rollups: bool,
 }
