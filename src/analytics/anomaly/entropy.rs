@@ -8,7 +8,7 @@
 //! logarithms change in one bin per reading, so a reading costs a handful
 //! of `exp`/`ln` calls whatever the window.
 
-use super::likelihood::weight;
+use super::likelihood::{div_rem, weight};
 use super::table::table;
 
 /// `ln(1 + e^x)` for `x <= 0`, tabulated every 1/64 down to -16 (error
@@ -205,7 +205,7 @@ impl Histograms {
         };
         let window = s.window;
         let n = n.max(1);
-        let pos = ((n - 1) % window as u64) as usize;
+        let pos = div_rem(n - 1, window as u64).1 as usize;
         let len = n.min(window as u64) as usize;
         let full = n > window as u64;
         // The bin the reading replaces, if the ring is full.

@@ -40,6 +40,18 @@ pub(super) fn weight(alpha: f64, n: u64) -> f64 {
     }
 }
 
+/// `(n / d, n % d)` for `d` of at least 1, with a shift and a mask when
+/// `d` is a power of two (the default blocks and histogram window are): a
+/// 64-bit division is the slowest instruction of a reading's step.
+#[inline]
+pub(super) fn div_rem(n: u64, d: u64) -> (u64, u64) {
+    if d.is_power_of_two() {
+        (n >> d.trailing_zeros(), n & (d - 1))
+    } else {
+        (n / d, n % d)
+    }
+}
+
 /// The Abramowitz-Stegun (Numerical Recipes) form of erfc(x) for x >= 0,
 /// `t exp(poly(t) - x^2)` with `t = 1 / (1 + x / 2)`, accurate to 1.2e-7
 /// relative: `(t, poly(t) - x^2)`.
@@ -255,7 +267,7 @@ impl<const N: usize> Likelihood<N> {
     pub(super) fn update(&mut self, s: &LikelihoodSettings, n: u64, raw: f64) -> f64 {
         let k = s.average.clamp(1, N);
         let n = n.max(1);
-        let pos = ((n - 1) % k as u64) as usize;
+        let pos = div_rem(n - 1, k as u64).1 as usize;
         // Rounded to the nearest step (`f64::round` is a libm call).
         let fixed = (raw.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
         // Summed before the store (slots not filled yet are 0): a load

@@ -265,8 +265,7 @@ impl Detector {
 
         for (channel, &block) in self.coarse.iter_mut().zip(&c.blocks) {
             let block = u64::from(block.max(1));
-            let blocks = (n - 1) / block;
-            let pos = n - 1 - blocks * block;
+            let (blocks, pos) = likelihood::div_rem(n - 1, block);
             let mean = if n > block { channel.channel.mean() } else { v };
             if pos == 0 || (v - mean).abs() > (channel.farthest - mean).abs() {
                 channel.farthest = v;
