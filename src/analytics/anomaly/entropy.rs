@@ -3,10 +3,11 @@
 //! relative-entropy detector of Wang et al. 2011, over [`BINS`] bins of the
 //! range seen so far). It reacts to changes of shape rather than of level:
 //! a flat stretch in a periodic series, a change in noise, a pattern that
-//! stops. Everything is incremental: the relative entropy uses integer
-//! counts, a table of `c ln c` and a lazily decayed long-run histogram whose
-//! logarithms change in one bin per reading, so a reading costs a handful
-//! of `exp`/`ln` calls whatever the window.
+//! stops. Everything is incremental: the long-run histogram is decayed
+//! lazily, so its logarithms change in one bin per reading, and once the
+//! window is full the relative entropy moves by the two bins whose counts
+//! change (running sums, recomputed exactly now and then), so a reading
+//! costs a few table lookups whatever the window.
 
 use super::likelihood::{div_rem, weight};
 use super::table::table;
@@ -144,35 +145,19 @@ impl Histograms {
         (!folded & ONES & valid).count_ones() as usize
     }
 
-    /// Recomputes the running sums from the ring's counts: those of the
-    /// first `len` slots as they will be once the newest reading's `bin`
-    /// replaces `old` (if the ring is `full`), or as they are (`None`).
-    /// Returns the floored `sum c ln p` over them and the count of `bin`.
-    fn recompute(
-        &mut self,
-        window: usize,
-        len: usize,
-        newest: Option<(usize, usize, bool)>,
-        ln_scale: f64,
-        floor: f64,
-    ) -> (f64, usize) {
-        let logs = logs();
-        let mut counts = [0usize; BINS];
-        let filled = match newest {
-            Some((_, _, full)) if !full => len - 1,
-            _ => len,
-        };
-        for i in 0..filled.min(window) {
+    /// The count of each bin in the first `len` slots of the ring.
+    fn counts(&self, len: usize) -> [usize; BINS] {
+        let mut counts = [0; BINS];
+        for i in 0..len {
             counts[self.bin(i)] += 1;
         }
-        let mut count = 0;
-        if let Some((bin, old, full)) = newest {
-            if full {
-                counts[old] -= 1;
-            }
-            counts[bin] += 1;
-            count = counts[bin];
-        }
+        counts
+    }
+
+    /// Sets the running sums exactly from `counts`, and returns the floored
+    /// `sum c ln p` over them (with the scale at `ln_scale`).
+    fn recompute(&mut self, counts: &[usize; BINS], ln_scale: f64, floor: f64) -> f64 {
+        let logs = logs();
         self.sum_c_ln_c = counts.iter().map(|&c| logs[c].2).sum();
         let mut sum_c_ln_w = 0.0;
         let mut sum_c_ln_p = 0.0;
@@ -182,7 +167,7 @@ impl Histograms {
             sum_c_ln_p += c * (f64::from(ln_w) - ln_scale).max(floor);
         }
         self.sum_c_ln_w = sum_c_ln_w as f32;
-        (sum_c_ln_p, count)
+        sum_c_ln_p
     }
 
     /// Takes `v`, the `n`th reading (from 1), binned over `lo .. lo + range`
@@ -238,7 +223,13 @@ impl Histograms {
             let count = c_bin + 1 - usize::from(bin == old);
             (sum, count)
         } else {
-            self.recompute(window, len, Some((bin, old, full)), ln_scale, floor)
+            // Exactly, from the counts as they will be with this reading.
+            let mut counts = self.counts(if full { window } else { len - 1 });
+            if full {
+                counts[old] -= 1;
+            }
+            counts[bin] += 1;
+            (self.recompute(&counts, ln_scale, floor), counts[bin])
         };
         let shift = 4 * (pos % 2);
         let byte = &mut self.ring[pos / 2];
@@ -259,20 +250,19 @@ impl Histograms {
             self.ln_scale = ln_scale as f32;
             let added = ln_a + ln_scale;
             let ln_w = &mut self.ln_weights[bin];
-            let old = f64::from(*ln_w);
-            let (hi, lo) = if old > added {
-                (old, added)
-            } else {
-                (added, old)
-            };
             let before = *ln_w;
+            let (hi, lo) = if f64::from(before) > added {
+                (f64::from(before), added)
+            } else {
+                (added, f64::from(before))
+            };
             *ln_w = (hi + softplus(lo - hi)) as f32;
             self.sum_c_ln_w += count as f32 * (*ln_w - before);
         } else {
             self.ln_scale = 0.0;
             self.ln_weights = [UNSEEN; BINS];
             self.ln_weights[bin] = 0.0;
-            self.recompute(window, len, None, 0.0, floor);
+            self.recompute(&self.counts(len), 0.0, floor);
         }
         if self.ln_scale > MAX_LN_SCALE {
             let ln_scale = self.ln_scale;
@@ -280,7 +270,7 @@ impl Histograms {
                 *ln_w = (*ln_w - ln_scale).max(UNSEEN);
             }
             self.ln_scale = 0.0;
-            self.recompute(window, len, None, 0.0, floor);
+            self.recompute(&self.counts(len), 0.0, floor);
         }
         table!(0.0, 16.0, 64.0, |x: f64| 1.0 - (-x).exp()).at(kl)
     }

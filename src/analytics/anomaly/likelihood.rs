@@ -69,13 +69,13 @@ fn erfc_parts(x: f64) -> (f64, f64) {
 }
 
 /// erfc(|x|).
-pub(super) fn erfc_abs(x: f64) -> f64 {
+fn erfc_abs(x: f64) -> f64 {
     let (t, exponent) = erfc_parts(x.abs());
     t * exponent.exp()
 }
 
 /// ln erfc(|x|), without leaving log space where erfc underflows.
-pub(super) fn ln_erfc_abs(x: f64) -> f64 {
+fn ln_erfc_abs(x: f64) -> f64 {
     let x = x.abs();
     let (_, exponent) = erfc_parts(x);
     // ln t = -ln(1 + x / 2).
@@ -275,10 +275,11 @@ impl<const N: usize> Likelihood<N> {
         let before: u32 = self.recent[..k].iter().map(|&r| u32::from(r)).sum();
         let sum = before - u32::from(self.recent[pos]) + u32::from(fixed);
         self.recent[pos] = fixed;
-        let average = if n >= k as u64 && k == s.average {
+        let filled = n.min(k as u64);
+        let average = if filled == s.average as u64 {
             f64::from(sum) * s.scale
         } else {
-            f64::from(sum) / (255.0 * n as f64)
+            f64::from(sum) / (255.0 * filled as f64)
         };
 
         let mut score = 0.0;

@@ -291,9 +291,7 @@ impl Detector {
         self.lo = self.lo.min(v);
         self.hi = self.hi.max(v);
         if out {
-            self.passed_at = n;
-            self.passed = 1.0;
-            return 1.0;
+            return self.pass(1.0);
         }
         self.refract(c, score.clamp(0.0, 1.0))
     }
@@ -309,6 +307,11 @@ impl Detector {
         if self.passed_at.saturating_add(r) > self.n && (score <= max || max >= c.alarm) {
             return 0.0;
         }
+        self.pass(score)
+    }
+
+    /// Records `score` as the last one passed, and passes it.
+    fn pass(&mut self, score: f64) -> f64 {
         self.passed_at = self.n;
         self.passed = score as f32;
         score
@@ -444,6 +447,13 @@ mod tests {
                     ..AnomalyConfig::default()
                 },
                 "anomaly.blocks",
+            ),
+            (
+                AnomalyConfig {
+                    histogram_alpha: 1e-4,
+                    ..AnomalyConfig::default()
+                },
+                "anomaly.histogram_alpha",
             ),
             (
                 AnomalyConfig {
