@@ -57,7 +57,7 @@ use edge_gateway::local::{
     citus::LocalCitus, free_port, mosquitto::Mosquitto, postgres::LocalPostgres, probe,
 };
 use edge_gateway::sink::batch::READINGS_COLUMNS;
-use edge_gateway::sink::copy::RowBuffer;
+use edge_gateway::sink::copy::{RowBuffer, HEADER};
 use edge_payload::Format;
 use firmware_sim::SimConfig;
 use futures_util::SinkExt;
@@ -114,6 +114,13 @@ struct Options {
     pg_settings: String,
     /// Citus workers behind a coordinator; 0 for one plain PostgreSQL.
     citus: usize,
+    /// Queue the readings in the broker while the gateway is down, then
+    /// time its drain from process start.
+    drain: bool,
+    /// Run the live phases (burst, paced).
+    live: bool,
+    /// Record the whole machine with `perf` during the drain, into this file.
+    perf: Option<PathBuf>,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T> {
@@ -145,6 +152,9 @@ impl Options {
             extra_toml: std::env::var("E2E_GATEWAY_TOML").unwrap_or_default(),
             mosquitto: std::env::var("E2E_MOSQUITTO").unwrap_or_default(),
             citus: env_or("E2E_CITUS", 0)?,
+            drain: env_or::<u8>("E2E_DRAIN", 0)? != 0,
+            live: env_or::<u8>("E2E_LIVE", 1)? != 0,
+            perf: std::env::var_os("E2E_PERF").map(PathBuf::from),
             pg_settings: std::env::var("E2E_PG_SETTINGS")
                 .unwrap_or_else(|_| PRODUCTION_PG.to_string()),
         };
@@ -261,11 +271,15 @@ fn counter(text: &str, name: &str) -> f64 {
 
 /// Loads `rows` readings of `devices` x `metrics` with raw binary COPY over
 /// `connections` connections in batches of `batch_rows`; returns readings/s.
+/// With `single`, one connection sends every row in one COPY statement
+/// (the batches as chunks of one stream): PostgreSQL's own single-stream
+/// ceiling, with no per-transaction cost at all.
 async fn ceiling(
     db: &tokio_postgres::Config,
     o: &Options,
     connections: usize,
     batch_rows: usize,
+    single: bool,
 ) -> Result<f64> {
     let sim = SimConfig {
         devices: o.devices,
@@ -307,6 +321,27 @@ async fn ceiling(
     }
     if buffer.rows() > 0 {
         batches.push(buffer.finish());
+    }
+    if single {
+        let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let sql = format!("COPY edge.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
+        let last = batches.len() - 1;
+        let started = Instant::now();
+        let sink = client.copy_in(&sql).await?;
+        futures_util::pin_mut!(sink);
+        for (i, batch) in batches.into_iter().enumerate() {
+            // One stream: the header once, the trailer (2 bytes) once.
+            let from = if i == 0 { 0 } else { HEADER.len() };
+            let to = if i == last {
+                batch.len()
+            } else {
+                batch.len() - 2
+            };
+            sink.send(batch.slice(from..to)).await?;
+        }
+        sink.finish().await?;
+        return Ok(o.total_readings() as f64 / started.elapsed().as_secs_f64());
     }
     let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
     let started = Instant::now();
@@ -377,7 +412,7 @@ fn publishers(
 /// `o.publishers` connections with QoS 1 as fast as the broker acknowledges.
 /// Devices are interleaved round by round, as live devices would be.
 /// Returns the encoded messages' readings and when publishing started.
-async fn burst(o: &Options, port: u16) -> Result<(u64, Instant)> {
+async fn burst(o: &Options, port: u16, prefix: &str) -> Result<(u64, Instant)> {
     // Samples 10 ms apart (a 100 Hz sensor), ending now: the readings of a
     // series span more than the reorder lateness, so analytics releases
     // them as they come instead of holding a whole series at once.
@@ -397,7 +432,7 @@ async fn burst(o: &Options, port: u16) -> Result<(u64, Instant)> {
     let mut readings = 0u64;
     let rounds = o.samples_per_device() / o.pack as u64;
     let topics: Vec<String> = (0..o.devices)
-        .map(|d| firmware_sim::topic_of(&sim, &firmware_sim::device_id("e2e-b-", d)))
+        .map(|d| firmware_sim::topic_of(&sim, &firmware_sim::device_id(prefix, d)))
         .collect();
     for round in 0..rounds {
         for (d, topic) in topics.iter().enumerate() {
@@ -536,6 +571,254 @@ async fn published(
     Ok(n)
 }
 
+/// What the drain of a queued backlog measured, from the gateway's start.
+#[derive(Default)]
+struct Drain {
+    queued: u64,
+    secs: f64,
+    /// Whole-process CPU seconds of the gateway, start-up included.
+    gateway_cpu: f64,
+    /// CPU seconds of the database server's process tree meanwhile.
+    db_cpu: f64,
+    broker_cpu: f64,
+    peak_rss_mb: f64,
+}
+
+/// `perf record` of the whole machine (every process, call graphs) into
+/// `file`, when one is given; stopped with SIGINT so it writes its file.
+fn profile(file: &Option<PathBuf>) -> Result<Option<Child>> {
+    let Some(file) = file else { return Ok(None) };
+    let child = Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "499", "-o"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start perf (Debian: apt-get install linux-perf)")?;
+    Ok(Some(child))
+}
+
+/// Starts `edge-gateway run` and waits until it is ready (`/readyz`);
+/// its log is appended to `dir/gateway.log`.
+async fn start_gateway(
+    gateway: &std::path::Path,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    port: u16,
+) -> Result<GatewayProcess> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("gateway.log"))?;
+    let child = Command::new(gateway)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start the gateway")?;
+    let gw = GatewayProcess { child, port };
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while !matches!(probe::http_get(port, "/readyz"), Some((200, _))) {
+        if Instant::now() > ready_by {
+            bail!("gateway not ready within 60 s; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(gw)
+}
+
+/// What the live phases (burst, paced, soak) measured.
+#[derive(Default)]
+struct Live {
+    /// Burst readings/s, first publish to last commit.
+    rate: f64,
+    publish_secs: f64,
+    burst_cpu: f64,
+    machine_busy: f64,
+    paced_achieved: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    burst_published: u64,
+    paced_published: u64,
+    soak_curve: Vec<(f64, f64)>,
+    soak_published: u64,
+    soak: Soak,
+}
+
+/// Burst, then paced at half the burst rate, then the soak if asked for,
+/// all with the gateway running.
+async fn live_phases(
+    o: &Options,
+    gw: &GatewayProcess,
+    broker: &Mosquitto,
+    client: &tokio_postgres::Client,
+) -> Result<Live> {
+    let total = o.total_readings();
+    // Burst.
+    eprintln!("e2e: burst: publishing {total} readings as fast as the broker accepts ...");
+    let latency = "edge_gateway_reading_to_commit_seconds";
+    let cpu0 = gw.cpu_secs();
+    let machine0 = machine_jiffies();
+    // Timed from the first publish (after encoding) to the last commit.
+    let (burst_published, started) = burst(o, broker.port(), "e2e-b-").await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let burst = watch(gw, started, total, Duration::from_secs(300), 1.0).await?;
+    let burst_cpu = gw.cpu_secs() - cpu0;
+    let machine1 = machine_jiffies();
+    let machine_busy =
+        (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64 * 100.0;
+    let after = probe::buckets(&gw.metrics().await?, latency);
+    let rate = total as f64 / burst.done_secs;
+    if burst_published != total {
+        bail!("published {burst_published} readings, expected {total}");
+    }
+
+    // Paced at half the burst rate.
+    let paced_rate = rate / 2.0;
+    let per_device = paced_rate / (o.devices * o.metrics) as f64;
+    eprintln!(
+        "e2e: paced: {paced_rate:.0} readings/s ({per_device:.1} samples/s a device) for {} s ...",
+        o.paced_secs
+    );
+    let before = after;
+    let started = Instant::now();
+    let committed0 = gw.committed().await?;
+    let tasks = publishers(
+        o,
+        &broker.url(),
+        o.devices,
+        per_device,
+        None,
+        Some(o.paced_secs),
+        "p",
+    );
+    // Each second: readings committed and the latency quantiles of that
+    // second, which show stalls that one p99 hides.
+    let mut last = before.clone();
+    let mut last_copy = probe::buckets(&gw.metrics().await?, "edge_gateway_copy_seconds");
+    let mut last_committed = committed0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let text = gw.metrics().await?;
+        let now = probe::buckets(&text, latency);
+        let copy = probe::buckets(&text, "edge_gateway_copy_seconds");
+        let committed = counter(&text, "edge_gateway_readings_committed_total") as u64;
+        let ms = |q| probe::quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
+        let row = client
+            .query_one(
+                "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
+                 (SELECT coalesce(string_agg(query, ', '), '') FROM pg_stat_activity \
+                  WHERE backend_type = 'autovacuum worker')",
+                &[],
+            )
+            .await?;
+        let checkpoints: i64 = row.get(0);
+        let autovacuum: String = row.get(1);
+        eprintln!(
+            "e2e: paced {:>4.0} s  {:>8} readings/s  p50 {:>6} ms  p99 {:>6} ms  COPY p99 {:>6} ms  checkpoints {checkpoints} {autovacuum}",
+            started.elapsed().as_secs_f64(),
+            committed - last_committed,
+            ms(0.5),
+            ms(0.99),
+            probe::quantile_ms(&last_copy, &copy, 0.99).map_or("-".into(), |v| format!("{v:.0}")),
+        );
+        last_copy = copy;
+        last = now;
+        last_committed = committed;
+    }
+    let paced_published = published(tasks).await?;
+    watch(
+        gw,
+        started,
+        committed0 + paced_published,
+        Duration::from_secs(120),
+        1.0,
+    )
+    .await?;
+    let paced_achieved = paced_published as f64 / o.paced_secs;
+    let after = probe::buckets(&gw.metrics().await?, latency);
+    let p50 = probe::quantile_ms(&before, &after, 0.5);
+    let p99 = probe::quantile_ms(&before, &after, 0.99);
+
+    // Soak: many devices at 80% of the burst rate, RSS over time.
+    let mut soak_curve = Vec::new();
+    let mut soak_published = 0;
+    let mut soak = Soak::default();
+    if o.soak_secs > 0.0 {
+        let soak_rate = if o.soak_rate > 0.0 {
+            o.soak_rate
+        } else {
+            0.8 * rate
+        };
+        let per_device = soak_rate / (o.soak_devices * o.metrics) as f64;
+        eprintln!(
+            "e2e: soak: {} devices, {soak_rate:.0} readings/s for {} s ...",
+            o.soak_devices, o.soak_secs
+        );
+        let committed0 = gw.committed().await?;
+        let started = Instant::now();
+        let tasks = publishers(
+            o,
+            &broker.url(),
+            o.soak_devices,
+            per_device,
+            None,
+            Some(o.soak_secs),
+            "s",
+        );
+        let mut next = 0.0;
+        let mut previous = 0;
+        while !tasks.iter().all(|t| t.is_finished()) {
+            let t = started.elapsed().as_secs_f64();
+            if t >= next {
+                let (rss, _) = gw.rss_mb();
+                let committed = gw.committed().await? - committed0;
+                eprintln!(
+                    "e2e: soak {t:>5.0} s  rss {rss:>7.1} MiB  committed {committed:>10}  ({:.0}/s)",
+                    (committed - previous) as f64 / 10.0
+                );
+                previous = committed;
+                soak_curve.push((t, rss));
+                next += 10.0;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        soak_published = published(tasks).await?;
+        let published_secs = started.elapsed().as_secs_f64();
+        let w = watch(
+            gw,
+            started,
+            committed0 + soak_published,
+            Duration::from_secs_f64(o.soak_secs * 3.0 + 120.0),
+            10.0,
+        )
+        .await?;
+        soak = Soak {
+            rate: soak_rate,
+            published_per_s: soak_published as f64 / published_secs,
+            committed_per_s: soak_published as f64 / w.done_secs,
+            drain_secs: w.done_secs - published_secs,
+            slope_mb_per_min: rss_slope(&soak_curve, 60.0) * 60.0,
+        };
+    }
+
+    Ok(Live {
+        rate,
+        publish_secs,
+        burst_cpu,
+        machine_busy,
+        paced_achieved,
+        p50,
+        p99,
+        burst_published,
+        paced_published,
+        soak_curve,
+        soak_published,
+        soak,
+    })
+}
+
 /// Runs the benchmark; Ctrl-C or SIGTERM stops it and still removes the
 /// servers and the gateway it started (their `Drop`s run as `run` is
 /// dropped).
@@ -652,184 +935,82 @@ async fn run(o: Options) -> Result<()> {
         .await?
         .get(0);
 
-    // Twice: the first load into a fresh cluster also creates its WAL
+    let db_pid = match &pg {
+        Database::Plain(pg) => pg.pid(),
+        Database::Citus(_) => None,
+    };
+    let db_cpu = || db_pid.map_or(0.0, probe::tree_cpu_secs);
+    let broker_cpu = || broker.pid().map_or(0.0, probe::tree_cpu_secs);
+
+    // Twice each: the first load into a fresh cluster also creates its WAL
     // segments, which later loads (and the gateway's) recycle.
     let mut ceiling_runs = Vec::new();
+    let mut single_runs = Vec::new();
+    let mut single_db_cpu = f64::MAX;
     for run in 1..=2 {
         eprintln!("e2e: ceiling {run}/2: raw binary COPY over {writers} connections ...");
-        ceiling_runs.push(ceiling(&db, &o, writers, batch_rows).await?);
+        ceiling_runs.push(ceiling(&db, &o, writers, batch_rows, false).await?);
+        client.batch_execute("TRUNCATE edge.readings").await?;
+        client.batch_execute("CHECKPOINT").await?;
+        eprintln!("e2e: ceiling {run}/2: one raw binary COPY of every row ...");
+        let cpu0 = db_cpu();
+        single_runs.push(ceiling(&db, &o, 1, batch_rows, true).await?);
+        single_db_cpu = single_db_cpu.min(db_cpu() - cpu0);
         client.batch_execute("TRUNCATE edge.readings").await?;
         client.batch_execute("CHECKPOINT").await?;
     }
     let ceiling_rate = ceiling_runs.iter().copied().fold(0.0, f64::max);
+    let single_rate = single_runs.iter().copied().fold(0.0, f64::max);
 
-    let log = std::fs::File::create(dir.path().join("gateway.log"))?;
-    let child = Command::new(&o.gateway)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("start the gateway")?;
-    let gw = GatewayProcess {
-        child,
-        port: http_port,
-    };
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while !matches!(probe::http_get(http_port, "/readyz"), Some((200, _))) {
-        if Instant::now() > ready_by {
-            bail!("gateway not ready within 60 s; see its log");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    // Burst.
-    eprintln!("e2e: burst: publishing {total} readings as fast as the broker accepts ...");
-    let latency = "edge_gateway_reading_to_commit_seconds";
-    let cpu0 = gw.cpu_secs();
-    let machine0 = machine_jiffies();
-    // Timed from the first publish (after encoding) to the last commit.
-    let (burst_published, started) = burst(&o, broker.port()).await?;
-    let publish_secs = started.elapsed().as_secs_f64();
-    let burst = watch(&gw, started, total, Duration::from_secs(300), 1.0).await?;
-    let burst_cpu = gw.cpu_secs() - cpu0;
-    let machine1 = machine_jiffies();
-    let machine_busy =
-        (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64 * 100.0;
-    let after = probe::buckets(&gw.metrics().await?, latency);
-    let rate = total as f64 / burst.done_secs;
-    if burst_published != total {
-        bail!("published {burst_published} readings, expected {total}");
-    }
-
-    // Paced at half the burst rate.
-    let paced_rate = rate / 2.0;
-    let per_device = paced_rate / (o.devices * o.metrics) as f64;
-    eprintln!(
-        "e2e: paced: {paced_rate:.0} readings/s ({per_device:.1} samples/s a device) for {} s ...",
-        o.paced_secs
-    );
-    let before = after;
-    let started = Instant::now();
-    let committed0 = gw.committed().await?;
-    let tasks = publishers(
-        &o,
-        &broker.url(),
-        o.devices,
-        per_device,
-        None,
-        Some(o.paced_secs),
-        "p",
-    );
-    // Each second: readings committed and the latency quantiles of that
-    // second, which show stalls that one p99 hides.
-    let mut last = before.clone();
-    let mut last_copy = probe::buckets(&gw.metrics().await?, "edge_gateway_copy_seconds");
-    let mut last_committed = committed0;
-    while !tasks.iter().all(|t| t.is_finished()) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let text = gw.metrics().await?;
-        let now = probe::buckets(&text, latency);
-        let copy = probe::buckets(&text, "edge_gateway_copy_seconds");
-        let committed = counter(&text, "edge_gateway_readings_committed_total") as u64;
-        let ms = |q| probe::quantile_ms(&last, &now, q).map_or("-".into(), |v| format!("{v:.0}"));
-        let row = client
-            .query_one(
-                "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
-                 (SELECT coalesce(string_agg(query, ', '), '') FROM pg_stat_activity \
-                  WHERE backend_type = 'autovacuum worker')",
-                &[],
-            )
-            .await?;
-        let checkpoints: i64 = row.get(0);
-        let autovacuum: String = row.get(1);
-        eprintln!(
-            "e2e: paced {:>4.0} s  {:>8} readings/s  p50 {:>6} ms  p99 {:>6} ms  COPY p99 {:>6} ms  checkpoints {checkpoints} {autovacuum}",
-            started.elapsed().as_secs_f64(),
-            committed - last_committed,
-            ms(0.5),
-            ms(0.99),
-            probe::quantile_ms(&last_copy, &copy, 0.99).map_or("-".into(), |v| format!("{v:.0}")),
-        );
-        last_copy = copy;
-        last = now;
-        last_committed = committed;
-    }
-    let paced_published = published(tasks).await?;
-    watch(
-        &gw,
-        started,
-        committed0 + paced_published,
-        Duration::from_secs(120),
-        1.0,
-    )
-    .await?;
-    let paced_achieved = paced_published as f64 / o.paced_secs;
-    let after = probe::buckets(&gw.metrics().await?, latency);
-    let p50 = probe::quantile_ms(&before, &after, 0.5);
-    let p99 = probe::quantile_ms(&before, &after, 0.99);
-
-    // Soak: many devices at 80% of the burst rate, RSS over time.
-    let mut soak_curve = Vec::new();
-    let mut soak_published = 0;
-    let mut soak = Soak::default();
-    if o.soak_secs > 0.0 {
-        let soak_rate = if o.soak_rate > 0.0 {
-            o.soak_rate
-        } else {
-            0.8 * rate
-        };
-        let per_device = soak_rate / (o.soak_devices * o.metrics) as f64;
-        eprintln!(
-            "e2e: soak: {} devices, {soak_rate:.0} readings/s for {} s ...",
-            o.soak_devices, o.soak_secs
-        );
-        let committed0 = gw.committed().await?;
+    let start = || start_gateway(&o.gateway, &config_path, dir.path(), http_port);
+    let drain = if o.drain {
+        // A first start makes the durable session the backlog queues in.
+        start().await?.terminate()?;
+        eprintln!("e2e: drain: queueing {total} readings in the broker, gateway stopped ...");
+        let (queued, _) = burst(&o, broker.port(), "e2e-q-").await?;
+        client.batch_execute("CHECKPOINT").await?;
+        let (db0, broker0) = (db_cpu(), broker_cpu());
         let started = Instant::now();
-        let tasks = publishers(
-            &o,
-            &broker.url(),
-            o.soak_devices,
-            per_device,
-            None,
-            Some(o.soak_secs),
-            "s",
-        );
-        let mut next = 0.0;
-        let mut previous = 0;
-        while !tasks.iter().all(|t| t.is_finished()) {
-            let t = started.elapsed().as_secs_f64();
-            if t >= next {
-                let (rss, _) = gw.rss_mb();
-                let committed = gw.committed().await? - committed0;
-                eprintln!(
-                    "e2e: soak {t:>5.0} s  rss {rss:>7.1} MiB  committed {committed:>10}  ({:.0}/s)",
-                    (committed - previous) as f64 / 10.0
-                );
-                previous = committed;
-                soak_curve.push((t, rss));
-                next += 10.0;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let gw = start().await?;
+        eprintln!("e2e: drain: gateway started, draining ...");
+        let perf = profile(&o.perf)?;
+        let w = watch(&gw, started, queued, Duration::from_secs(600), 1.0).await?;
+        if let Some(mut perf) = perf {
+            probe::interrupt(&mut perf, Duration::from_secs(60));
         }
-        soak_published = published(tasks).await?;
-        let published_secs = started.elapsed().as_secs_f64();
-        let w = watch(
-            &gw,
-            started,
-            committed0 + soak_published,
-            Duration::from_secs_f64(o.soak_secs * 3.0 + 120.0),
-            10.0,
-        )
-        .await?;
-        soak = Soak {
-            rate: soak_rate,
-            published_per_s: soak_published as f64 / published_secs,
-            committed_per_s: soak_published as f64 / w.done_secs,
-            drain_secs: w.done_secs - published_secs,
-            slope_mb_per_min: rss_slope(&soak_curve, 60.0) * 60.0,
+        let drain = Drain {
+            queued,
+            secs: w.done_secs,
+            gateway_cpu: gw.cpu_secs(),
+            db_cpu: db_cpu() - db0,
+            broker_cpu: broker_cpu() - broker0,
+            peak_rss_mb: gw.rss_mb().1,
         };
-    }
+        (drain, gw)
+    } else {
+        (Drain::default(), start().await?)
+    };
+    let (drain, gw) = drain;
+
+    let live = if o.live {
+        live_phases(&o, &gw, &broker, &client).await?
+    } else {
+        Live::default()
+    };
+    let Live {
+        rate,
+        publish_secs,
+        burst_cpu,
+        machine_busy,
+        paced_achieved,
+        p50,
+        p99,
+        burst_published,
+        paced_published,
+        soak_curve,
+        soak_published,
+        soak,
+    } = live;
 
     let (_, peak_rss) = gw.rss_mb();
     let text = gw.metrics().await?;
@@ -842,7 +1023,7 @@ async fn run(o: Options) -> Result<()> {
         .query_one("SELECT count(*) FROM edge.readings", &[])
         .await?
         .get(0);
-    let expected = total + paced_published + soak_published;
+    let expected = drain.queued + burst_published + paced_published + soak_published;
     if stored as u64 != expected {
         bail!("the table holds {stored} readings, {expected} were published");
     }
@@ -899,6 +1080,52 @@ async fn run(o: Options) -> Result<()> {
         ("gateway CPU, whole run (s)", format!("{total_cpu:.2}")),
         ("readings stored = published", expected.to_string()),
     ];
+    let total_db_cpu_us = |cpu: f64| cpu / drain.queued.max(1) as f64 * 1e6;
+    let drain_rate = drain.queued as f64 / drain.secs.max(1e-9);
+    let drain_ratio = drain_rate / single_rate;
+    let (drain_gw_us, drain_db_us, drain_broker_us) = (
+        total_db_cpu_us(drain.gateway_cpu),
+        total_db_cpu_us(drain.db_cpu),
+        total_db_cpu_us(drain.broker_cpu),
+    );
+    let single_db_us = single_db_cpu / o.total_readings() as f64 * 1e6;
+    if o.drain {
+        rows.splice(
+            0..0,
+            [
+                (
+                    "one raw COPY of every row, best of 2 (r/s)",
+                    format!("{single_rate:.0}"),
+                ),
+                (
+                    "  each run",
+                    single_runs
+                        .iter()
+                        .map(|r| format!("{r:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
+                (
+                    "drain: gateway start to last commit (r/s)",
+                    format!("{drain_rate:.0}"),
+                ),
+                ("drain: ratio to one raw COPY", format!("{drain_ratio:.3}")),
+                ("drain: CPU us/reading gateway", format!("{drain_gw_us:.3}")),
+                (
+                    "drain: CPU us/reading database (raw COPY)",
+                    format!("{drain_db_us:.3} ({single_db_us:.3})"),
+                ),
+                (
+                    "drain: CPU us/reading broker",
+                    format!("{drain_broker_us:.3}"),
+                ),
+                (
+                    "drain: gateway peak RSS (MiB)",
+                    format!("{:.1}", drain.peak_rss_mb),
+                ),
+            ],
+        );
+    }
     let curve = soak_curve
         .iter()
         .map(|(t, r)| format!("{t:.0}:{r:.1}"))
@@ -932,6 +1159,16 @@ async fn run(o: Options) -> Result<()> {
     println!("{table}");
     let json = serde_json::json!({
         "readings": total,
+        "drain_readings": drain.queued,
+        "drain_readings_per_s": drain_rate.round(),
+        "single_copy_readings_per_s": single_rate.round(),
+        "single_copy_runs": single_runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        "drain_ratio": (drain_ratio * 1000.0).round() / 1000.0,
+        "drain_gateway_cpu_us": (drain_gw_us * 1000.0).round() / 1000.0,
+        "drain_db_cpu_us": (drain_db_us * 1000.0).round() / 1000.0,
+        "single_copy_db_cpu_us": (single_db_us * 1000.0).round() / 1000.0,
+        "drain_broker_cpu_us": (drain_broker_us * 1000.0).round() / 1000.0,
+        "drain_peak_rss_mb": (drain.peak_rss_mb * 10.0).round() / 10.0,
         "citus_workers": o.citus,
         "devices": o.devices,
         "readings_per_message": o.pack * o.metrics,

@@ -7,6 +7,7 @@
 //! no SenML or native CBOR item can. The family is told from the shape: an
 //! array is a SenML pack, a map is a native message.
 
+pub mod cbor;
 pub mod native;
 pub mod senml;
 

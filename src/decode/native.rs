@@ -3,6 +3,7 @@
 
 use edge_payload::native::{Metrics, NativeMessage};
 
+use super::cbor::{CborError, Item, Reader};
 use super::{account, check_text, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
@@ -18,20 +19,7 @@ pub fn decode(body: &[u8], encoding: Encoding, limits: &Limits) -> Result<Decode
         Encoding::Json => {
             serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?
         }
-        Encoding::Cbor => {
-            let mut reader = body;
-            let message = ciborium::from_reader(&mut reader).map_err(|e| match e {
-                ciborium::de::Error::Semantic(_, text) => DecodeError::Cbor(text),
-                other => DecodeError::Cbor(format!("{other:?}")),
-            })?;
-            if !reader.is_empty() {
-                return Err(DecodeError::Cbor(format!(
-                    "{} trailing bytes after the message",
-                    reader.len()
-                )));
-            }
-            message
-        }
+        Encoding::Cbor => return decode_cbor(body, limits),
     };
     if message.seq > i64::MAX as u64 {
         return Err(DecodeError::Native("seq must be below 2^63".into()));
@@ -69,6 +57,227 @@ pub fn decode(body: &[u8], encoding: Encoding, limits: &Limits) -> Result<Decode
     })
 }
 
+/// Decodes a native CBOR message in one pass with the streaming reader:
+/// the same result as `ciborium` into [`NativeMessage`], without the
+/// intermediate message (metric names go straight into the readings).
+///
+/// # Errors
+/// As for [`decode`].
+pub fn decode_cbor(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
+    let mut r = Reader::new(body);
+    let mut out = Readings {
+        readings: Vec::new(),
+        bytes: 0,
+        limits,
+    };
+    let mut message = Top::default();
+    let count = match r.untagged().map_err(cbor)? {
+        Item::Map(count) => count,
+        _ => return Err(DecodeError::Cbor("a native message must be a map".into())),
+    };
+    let mut pairs = 0u64;
+    loop {
+        if count.is_some_and(|n| pairs == n) {
+            break;
+        }
+        pairs += 1;
+        let key = match r.untagged().map_err(cbor)? {
+            Item::Break if count.is_none() => break,
+            Item::Text(key) => key,
+            _ => {
+                return Err(DecodeError::Cbor(
+                    "a native key must be a text string".into(),
+                ))
+            }
+        };
+        let duplicate = || DecodeError::Cbor(format!("duplicate field {key:?}"));
+        match key.as_ref() {
+            "seq" => {
+                let seq = unsigned(&mut r, "seq")?;
+                if message.seq.replace(seq).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            "boot" => {
+                let boot = unsigned(&mut r, "boot")?;
+                if message.boot.replace(boot).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            "ts" => {
+                let ts = timestamp(&mut r)?;
+                if message.ts.replace(ts).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            "m" => {
+                // Read once "ts" is known (it may come after "m").
+                if message.m.replace(r.clone()).is_some() {
+                    return Err(duplicate());
+                }
+                r.skip().map_err(cbor)?;
+            }
+            "samples" => {
+                if message.samples {
+                    return Err(duplicate());
+                }
+                message.samples = true;
+                samples(&mut r, &mut out)?;
+            }
+            other => return Err(DecodeError::Cbor(format!("unknown field {other:?}"))),
+        }
+    }
+    if r.remaining() > 0 {
+        return Err(DecodeError::Cbor(format!(
+            "{} trailing bytes after the message",
+            r.remaining()
+        )));
+    }
+    let Some(seq) = message.seq else {
+        return Err(DecodeError::Cbor("missing field \"seq\"".into()));
+    };
+    if seq > i64::MAX as u64 {
+        return Err(DecodeError::Native("seq must be below 2^63".into()));
+    }
+    match (message.ts, message.m, message.samples) {
+        (Some(ts), Some(mut m), false) => metrics(&mut m, ts, &mut out)?,
+        (None, None, true) => {}
+        _ => {
+            return Err(DecodeError::Native(
+                "expected either \"ts\" and \"m\" or \"samples\"".into(),
+            ))
+        }
+    }
+    Ok(Decoded {
+        readings: out.readings,
+        seq: Some(seq),
+        boot: message.boot,
+        relative_time: false,
+    })
+}
+
+/// The top-level fields of a native CBOR message as they are read.
+#[derive(Default)]
+struct Top<'a> {
+    seq: Option<u64>,
+    boot: Option<u64>,
+    ts: Option<i64>,
+    /// Where the "m" map starts.
+    m: Option<Reader<'a>>,
+    samples: bool,
+}
+
+fn cbor(e: CborError) -> DecodeError {
+    DecodeError::Cbor(e.to_string())
+}
+
+fn unsigned(r: &mut Reader<'_>, name: &str) -> Result<u64, DecodeError> {
+    match r.untagged().map_err(cbor)? {
+        Item::Uint(v) => Ok(v),
+        _ => Err(DecodeError::Cbor(format!(
+            "{name} must be an unsigned integer"
+        ))),
+    }
+}
+
+fn timestamp(r: &mut Reader<'_>) -> Result<i64, DecodeError> {
+    match r.untagged().map_err(cbor)? {
+        Item::Uint(v) if v <= i64::MAX as u64 => Ok(v as i64),
+        Item::Nint(v) if v <= i64::MAX as u64 => Ok(-1 - v as i64),
+        _ => Err(DecodeError::Cbor("ts must be an integer (i64)".into())),
+    }
+}
+
+/// The "samples" array: each a map of "ts" and "m".
+fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
+    let count = match r.untagged().map_err(cbor)? {
+        Item::Array(count) => count,
+        _ => return Err(DecodeError::Cbor("samples must be an array".into())),
+    };
+    if let Some(n) = count {
+        out.readings
+            .reserve((n as usize).min(out.limits.max_records).min(4096));
+    }
+    let mut i = 0u64;
+    loop {
+        if count.is_some_and(|n| i == n) {
+            return Ok(());
+        }
+        i += 1;
+        let pairs = match r.untagged().map_err(cbor)? {
+            Item::Break if count.is_none() => return Ok(()),
+            Item::Map(pairs) => pairs,
+            _ => return Err(DecodeError::Cbor("a sample must be a map".into())),
+        };
+        let (mut ts, mut m) = (None, None);
+        let mut seen = 0u64;
+        loop {
+            if pairs.is_some_and(|n| seen == n) {
+                break;
+            }
+            seen += 1;
+            match r.untagged().map_err(cbor)? {
+                Item::Break if pairs.is_none() => break,
+                Item::Text(key) if key == "ts" && ts.is_none() => ts = Some(timestamp(r)?),
+                Item::Text(key) if key == "m" && m.is_none() => {
+                    m = Some(r.clone());
+                    r.skip().map_err(cbor)?;
+                }
+                Item::Text(key) => {
+                    return Err(DecodeError::Cbor(format!(
+                        "unknown or duplicate sample field {key:?}"
+                    )))
+                }
+                _ => {
+                    return Err(DecodeError::Cbor(
+                        "a sample key must be a text string".into(),
+                    ))
+                }
+            }
+        }
+        match (ts, m) {
+            (Some(ts), Some(mut m)) => metrics(&mut m, ts, out)?,
+            _ => return Err(DecodeError::Cbor("a sample needs \"ts\" and \"m\"".into())),
+        }
+    }
+}
+
+/// An "m" map of metric names to numbers, at `ts_ms`.
+fn metrics(r: &mut Reader<'_>, ts_ms: i64, out: &mut Readings) -> Result<(), DecodeError> {
+    let time: Micros = ts_ms.checked_mul(1000).ok_or(DecodeError::TimeOutOfRange)?;
+    let count = match r.untagged().map_err(cbor)? {
+        Item::Map(count) => count,
+        _ => return Err(DecodeError::Cbor("m must be a map".into())),
+    };
+    let mut seen = 0u64;
+    loop {
+        if count.is_some_and(|n| seen == n) {
+            return Ok(());
+        }
+        seen += 1;
+        let name = match r.untagged().map_err(cbor)? {
+            Item::Break if count.is_none() => return Ok(()),
+            Item::Text(name) => name,
+            _ => {
+                return Err(DecodeError::Cbor(
+                    "a metric name must be a text string".into(),
+                ))
+            }
+        };
+        let value = match r.untagged().map_err(cbor)? {
+            Item::Uint(v) => v as f64,
+            Item::Nint(v) => -1.0 - v as f64,
+            Item::Float(f) => f,
+            _ => {
+                return Err(DecodeError::Cbor(format!(
+                    "metric {name:?} must be a number"
+                )))
+            }
+        };
+        out.push(time, &name, value)?;
+    }
+}
+
 /// Readings being collected, with their size so far.
 struct Readings<'l> {
     readings: Vec<Reading>,
@@ -85,20 +294,30 @@ impl Readings<'_> {
             });
         }
         for (metric, value) in metrics.0 {
-            if metric.is_empty() {
-                return Err(DecodeError::Native("empty metric name".into()));
-            }
-            check_text(Field::Metric, &metric, self.limits.max_metric_bytes)?;
-            let reading = Reading {
-                time,
-                metric,
-                value: Value::Number(value),
-                unit: None,
-                sum: None,
-            };
-            account(&mut self.bytes, &reading, self.limits)?;
-            self.readings.push(reading);
+            self.push(time, &metric, value)?;
         }
+        Ok(())
+    }
+
+    fn push(&mut self, time: Micros, metric: &str, value: f64) -> Result<(), DecodeError> {
+        if self.readings.len() == self.limits.max_records {
+            return Err(DecodeError::TooManyRecords {
+                limit: self.limits.max_records,
+            });
+        }
+        if metric.is_empty() {
+            return Err(DecodeError::Native("empty metric name".into()));
+        }
+        check_text(Field::Metric, metric, self.limits.max_metric_bytes)?;
+        let reading = Reading {
+            time,
+            metric: metric.to_string(),
+            value: Value::Number(value),
+            unit: None,
+            sum: None,
+        };
+        account(&mut self.bytes, &reading, self.limits)?;
+        self.readings.push(reading);
         Ok(())
     }
 }
@@ -107,6 +326,7 @@ impl Readings<'_> {
 mod tests {
     use super::*;
     use crate::decode::decode as decode_any;
+    use edge_payload::native::NativeMessage;
 
     fn num(time: Micros, metric: &str, v: f64) -> Reading {
         Reading {
@@ -223,5 +443,64 @@ mod tests {
             ),
             Err(DecodeError::TimeOutOfRange)
         ));
+    }
+
+    /// The `ciborium` path the streaming decoder replaced.
+    fn via_ciborium(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
+        let mut reader = body;
+        let message: NativeMessage =
+            ciborium::from_reader(&mut reader).map_err(|e| DecodeError::Cbor(format!("{e:?}")))?;
+        if !reader.is_empty() {
+            return Err(DecodeError::Cbor("trailing bytes".into()));
+        }
+        let json = serde_json::to_vec(&message).map_err(|e| DecodeError::Json(e.to_string()))?;
+        decode(&json, Encoding::Json, limits)
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn streaming_cbor_decodes_as_ciborium_does(
+            seq in prop_oneof![0u64..1000, Just(u64::MAX)],
+            boot in proptest::option::of(0u64..10),
+            samples in proptest::collection::vec(
+                (prop_oneof![0i64..2_000_000_000_000, Just(i64::MAX), Just(-5)],
+                 proptest::collection::vec(("[a-z]{0,3}", -1e6f64..1e6), 0..4)),
+                0..4),
+            cuts in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
+            max_records in 1usize..10,
+        ) {
+            let samples: Vec<edge_payload::Sample> = samples
+                .into_iter()
+                .map(|(ts_ms, metrics)| edge_payload::Sample { ts_ms, metrics })
+                .collect();
+            let mut message = NativeMessage::from_samples(seq, &samples);
+            message.boot = boot;
+            let mut bytes = edge_payload::native::encode_cbor(&message)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let limits = Limits { max_records, ..Limits::default() };
+            for round in 0..2 {
+                if round == 1 {
+                    for (at, byte) in &cuts {
+                        let at = at.index(bytes.len());
+                        bytes[at] = *byte;
+                    }
+                }
+                let streaming = decode_cbor(&bytes, &limits);
+                let reference = via_ciborium(&bytes, &limits);
+                let same = match (&streaming, &reference) {
+                    (Ok(a), Ok(b)) => a == b,
+                    (Err(_), Err(_)) => true,
+                    // ciborium takes a byte string for a sequence or a map
+                    // of numbers; the streaming reader does not.
+                    (Err(DecodeError::Cbor(e)), Ok(_)) => {
+                        e.contains("must be") && bytes.iter().any(|b| b >> 5 == 2)
+                    }
+                    _ => false,
+                };
+                prop_assert!(same, "{:02x?}\nstreaming {:?}\nciborium  {:?}", bytes, streaming, reference);
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! base sum + sum when either is present. A record with base fields only (no
 //! name, value or sum) just sets bases, which is how many devices open a pack.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use edge_payload::base64url;
@@ -19,6 +20,7 @@ use edge_payload::senml::{label, Record};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserializer;
 
+use super::cbor::{CborError, Item, Reader};
 use super::{account, check_text, seconds_to_micros, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
@@ -39,8 +41,13 @@ pub fn decode(
     received: Micros,
     limits: &Limits,
 ) -> Result<Decoded, DecodeError> {
-    let records = parse(body, encoding, limits.max_records)?;
-    resolve(&records, received, limits)
+    match encoding {
+        Encoding::Cbor => decode_cbor(body, received, limits),
+        Encoding::Json => {
+            let records = parse(body, encoding, limits.max_records)?;
+            resolve(&records, received, limits)
+        }
+    }
 }
 
 /// Parses the records of a pack without resolving them; a pack of more
@@ -352,64 +359,146 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b':' | b'.' | b'/' | b'_'))
 }
 
+/// One record's fields as sent, borrowed from the payload where the
+/// encoding allows (the streaming CBOR reader), or from a parsed
+/// [`Record`] (JSON).
+#[derive(Debug, Default)]
+pub struct RecordRef<'a> {
+    pub bver: Option<u64>,
+    pub bn: Option<Cow<'a, str>>,
+    pub bt: Option<f64>,
+    pub bu: Option<Cow<'a, str>>,
+    pub bv: Option<f64>,
+    pub bs: Option<f64>,
+    pub n: Option<Cow<'a, str>>,
+    pub u: Option<Cow<'a, str>>,
+    pub v: Option<f64>,
+    pub vs: Option<Cow<'a, str>>,
+    pub vb: Option<bool>,
+    pub vd: Option<Cow<'a, [u8]>>,
+    pub s: Option<f64>,
+    pub t: Option<f64>,
+    pub ut: Option<f64>,
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(r: &'a Record) -> RecordRef<'a> {
+        let text = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
+        RecordRef {
+            bver: r.bver,
+            bn: text(&r.bn),
+            bt: r.bt,
+            bu: text(&r.bu),
+            bv: r.bv,
+            bs: r.bs,
+            n: text(&r.n),
+            u: text(&r.u),
+            v: r.v,
+            vs: text(&r.vs),
+            vb: r.vb,
+            vd: r.vd.as_deref().map(Cow::Borrowed),
+            s: r.s,
+            t: r.t,
+            ut: r.ut,
+        }
+    }
+}
+
 /// Applies base values and relative times (RFC 8428 4.6), within `limits`.
-/// Sizes are checked before anything is built: a long base name is never
-/// copied into the records it applies to.
 ///
 /// # Errors
-/// [`DecodeError::Senml`] naming the record (0-based) and the rule it breaks;
-/// the size and text errors of [`Limits`].
+/// As for [`Resolver::push`].
 pub fn resolve(
     records: &[Record],
     received: Micros,
     limits: &Limits,
 ) -> Result<Decoded, DecodeError> {
-    let mut bn: &str = "";
-    let mut bt = 0.0;
-    let mut bu: Option<&str> = None;
-    let mut bv = 0.0;
-    let mut bs: Option<f64> = None;
-    let mut version: Option<u64> = None;
-    let mut readings = Vec::with_capacity(records.len());
-    let mut relative_time = false;
-    let mut decoded_bytes = 0usize;
-    let fail = |i: usize, what: String| Err(DecodeError::Senml(format!("record {i}: {what}")));
+    let mut resolver = Resolver::new(received, limits, records.len());
     for (i, r) in records.iter().enumerate() {
+        resolver.push(i, RecordRef::from(r))?;
+    }
+    Ok(resolver.finish())
+}
+
+/// Resolution as records arrive: the bases in force and the readings so
+/// far. Sizes are checked before anything is built: a long base name is
+/// never copied into the records it applies to.
+pub struct Resolver<'a, 'l> {
+    bn: Cow<'a, str>,
+    bt: f64,
+    bu: Option<Cow<'a, str>>,
+    bv: f64,
+    bs: Option<f64>,
+    version: Option<u64>,
+    readings: Vec<Reading>,
+    relative_time: bool,
+    decoded_bytes: usize,
+    received: Micros,
+    limits: &'l Limits,
+}
+
+impl<'a, 'l> Resolver<'a, 'l> {
+    /// A resolver for a pack received at `received`; `hint` records are
+    /// expected (capped: it may come from the payload).
+    pub fn new(received: Micros, limits: &'l Limits, hint: usize) -> Resolver<'a, 'l> {
+        Resolver {
+            bn: Cow::Borrowed(""),
+            bt: 0.0,
+            bu: None,
+            bv: 0.0,
+            bs: None,
+            version: None,
+            readings: Vec::with_capacity(hint.min(4096).min(limits.max_records)),
+            relative_time: false,
+            decoded_bytes: 0,
+            received,
+            limits,
+        }
+    }
+
+    /// Takes record `i` (0-based): updates the bases, and adds its reading.
+    ///
+    /// # Errors
+    /// [`DecodeError::Senml`] naming the record and the rule it breaks; the
+    /// size and text errors of [`Limits`].
+    pub fn push(&mut self, i: usize, r: RecordRef<'a>) -> Result<(), DecodeError> {
+        let fail = |what: String| Err(DecodeError::Senml(format!("record {i}: {what}")));
         if let Some(v) = r.bver {
             if v > VERSION {
-                return fail(i, format!("version {v} is newer than {VERSION}"));
+                return fail(format!("version {v} is newer than {VERSION}"));
             }
-            if version.is_some_and(|seen| seen != v) {
-                return fail(i, "records of a pack must share one version".into());
+            if self.version.is_some_and(|seen| seen != v) {
+                return fail("records of a pack must share one version".into());
             }
-            version = Some(v);
+            self.version = Some(v);
         }
-        if let Some(name) = &r.bn {
-            bn = name;
+        if let Some(name) = r.bn {
+            self.bn = name;
         }
         if let Some(t) = r.bt {
-            bt = t;
+            self.bt = t;
         }
-        if let Some(unit) = &r.bu {
-            bu = Some(unit);
+        if let Some(unit) = r.bu {
+            self.bu = Some(unit);
         }
         if let Some(v) = r.bv {
-            bv = v;
+            self.bv = v;
         }
         if let Some(s) = r.bs {
-            bs = Some(s);
+            self.bs = Some(s);
         }
         let value_fields = usize::from(r.v.is_some())
             + usize::from(r.vs.is_some())
             + usize::from(r.vb.is_some())
             + usize::from(r.vd.is_some());
         if value_fields > 1 {
-            return fail(i, "more than one value field".into());
+            return fail("more than one value field".into());
         }
-        let sum = match (bs, r.s) {
+        let sum = match (self.bs, r.s) {
             (None, None) => None,
             (base, own) => Some(base.unwrap_or(0.0) + own.unwrap_or(0.0)),
         };
+        let limits = self.limits;
         if let Some(s) = &r.vs {
             check_text(Field::String, s, limits.max_string_bytes)?;
         }
@@ -423,22 +512,23 @@ pub fn resolve(
             }
         }
         let value = if let Some(v) = r.v {
-            Value::Number(bv + v)
-        } else if let Some(s) = &r.vs {
-            Value::Text(s.clone())
+            Value::Number(self.bv + v)
+        } else if let Some(s) = r.vs {
+            Value::Text(s.into_owned())
         } else if let Some(b) = r.vb {
             Value::Bool(b)
-        } else if let Some(d) = &r.vd {
-            Value::Data(d.clone())
+        } else if let Some(d) = r.vd {
+            Value::Data(d.into_owned())
         } else if r.s.is_some() {
             Value::None
         } else if r.n.is_none() {
             // Base fields only: nothing measured in this record.
-            continue;
+            return Ok(());
         } else {
-            return fail(i, "no value and no sum".into());
+            return fail("no value and no sum".into());
         };
-        let name_len = bn.len() + r.n.as_ref().map_or(0, String::len);
+        let own = r.n.as_deref().unwrap_or("");
+        let name_len = self.bn.len() + own.len();
         if name_len > limits.max_metric_bytes {
             return Err(DecodeError::TooLong {
                 field: Field::Metric,
@@ -446,21 +536,20 @@ pub fn resolve(
                 limit: limits.max_metric_bytes,
             });
         }
-        let unit = r.u.as_deref().or(bu);
+        let unit = r.u.as_deref().or(self.bu.as_deref());
         if let Some(unit) = unit {
             check_text(Field::Unit, unit, limits.max_unit_bytes)?;
         }
-        let name = match &r.n {
-            Some(n) => format!("{bn}{n}"),
-            None => bn.to_string(),
-        };
+        let mut name = String::with_capacity(name_len);
+        name.push_str(&self.bn);
+        name.push_str(own);
         if !valid_name(&name) {
-            return fail(i, format!("invalid name {name:?}"));
+            return fail(format!("invalid name {name:?}"));
         }
-        let seconds = bt + r.t.unwrap_or(0.0);
+        let seconds = self.bt + r.t.unwrap_or(0.0);
         let time = if seconds < RELATIVE_LIMIT {
-            relative_time = true;
-            received.saturating_add(seconds_to_micros(seconds)?)
+            self.relative_time = true;
+            self.received.saturating_add(seconds_to_micros(seconds)?)
         } else {
             seconds_to_micros(seconds)?
         };
@@ -471,15 +560,213 @@ pub fn resolve(
             unit: unit.map(str::to_string),
             sum,
         };
-        account(&mut decoded_bytes, &reading, limits)?;
-        readings.push(reading);
+        account(&mut self.decoded_bytes, &reading, limits)?;
+        self.readings.push(reading);
+        Ok(())
     }
-    Ok(Decoded {
-        readings,
-        seq: None,
-        boot: None,
-        relative_time,
-    })
+
+    /// The readings of the pack.
+    pub fn finish(self) -> Decoded {
+        Decoded {
+            readings: self.readings,
+            seq: None,
+            boot: None,
+            relative_time: self.relative_time,
+        }
+    }
+}
+
+/// Decodes and resolves a CBOR pack in one pass over the payload, with the
+/// streaming reader: the same result and error classes as parsing with
+/// `ciborium` ([`parse`]) and then [`resolve`], without building a record
+/// or a string that is not a reading's own.
+///
+/// # Errors
+/// [`DecodeError::Cbor`] for malformed CBOR and for labels of the wrong
+/// type, [`DecodeError::TooManyRecords`], and the errors of [`Resolver::push`].
+pub fn decode_cbor(body: &[u8], received: Micros, limits: &Limits) -> Result<Decoded, DecodeError> {
+    let mut r = Reader::new(body);
+    let cbor = |e: CborError| DecodeError::Cbor(e.to_string());
+    let count = match r.untagged().map_err(cbor)? {
+        Item::Array(count) => count,
+        _ => return Err(DecodeError::Cbor("a SenML pack must be an array".into())),
+    };
+    let hint = count.map_or(8, |n| n as usize);
+    let mut resolver = Resolver::new(received, limits, hint);
+    let mut i = 0usize;
+    loop {
+        if count.is_some_and(|n| i as u64 == n) {
+            break;
+        }
+        let item = r.untagged().map_err(cbor)?;
+        if count.is_none() && item == Item::Break {
+            break;
+        }
+        if i == limits.max_records {
+            return Err(DecodeError::TooManyRecords {
+                limit: limits.max_records,
+            });
+        }
+        let record = cbor_record(&mut r, item, i).map_err(|e| match e {
+            FieldError::Cbor(e) => cbor(e),
+            FieldError::Decode(e) => e,
+        })?;
+        resolver.push(i, record)?;
+        i += 1;
+    }
+    if r.remaining() > 0 {
+        return Err(DecodeError::Cbor(format!(
+            "{} trailing bytes after the pack",
+            r.remaining()
+        )));
+    }
+    Ok(resolver.finish())
+}
+
+/// Why one record could not be read.
+enum FieldError {
+    Cbor(CborError),
+    Decode(DecodeError),
+}
+
+impl From<CborError> for FieldError {
+    fn from(e: CborError) -> FieldError {
+        FieldError::Cbor(e)
+    }
+}
+
+fn type_error(i: usize, label: &str, expected: &str) -> FieldError {
+    FieldError::Decode(DecodeError::Cbor(format!(
+        "record {i}: {label} must be {expected}"
+    )))
+}
+
+/// Reads record `i`, whose header `item` was just read.
+fn cbor_record<'a>(
+    r: &mut Reader<'a>,
+    item: Item<'a>,
+    i: usize,
+) -> Result<RecordRef<'a>, FieldError> {
+    let count = match item {
+        Item::Map(count) => count,
+        _ => return Err(type_error(i, "a record", "a map")),
+    };
+    let mut rec = RecordRef::default();
+    let mut pairs = 0u64;
+    loop {
+        if count.is_some_and(|n| pairs == n) {
+            break;
+        }
+        pairs += 1;
+        let label = match r.untagged()? {
+            Item::Break if count.is_none() => break,
+            Item::Uint(v) if v <= 8 => v as i64,
+            Item::Nint(v) if v < 6 => -1 - v as i64,
+            Item::Uint(_) | Item::Nint(_) => {
+                r.skip()?;
+                continue;
+            }
+            Item::Text(key) => match key_from_str(&key) {
+                Key::Known(label) => label,
+                Key::Ignored => {
+                    r.skip()?;
+                    continue;
+                }
+                Key::MustUnderstand(name) => {
+                    return Err(FieldError::Decode(DecodeError::Senml(format!(
+                        "record {i}: unknown must-understand label {name:?}"
+                    ))))
+                }
+            },
+            _ => return Err(type_error(i, "a label", "an integer or a text string")),
+        };
+        macro_rules! set {
+            ($field:ident, $value:expr) => {{
+                if rec.$field.is_some() {
+                    return Err(FieldError::Decode(DecodeError::Senml(format!(
+                        concat!("record {}: duplicate label ", stringify!($field)),
+                        i
+                    ))));
+                }
+                rec.$field = Some($value);
+            }};
+        }
+        let text = |r: &mut Reader<'a>, name| match r.untagged()? {
+            Item::Text(s) => Ok(s),
+            _ => Err(type_error(i, name, "a text string")),
+        };
+        let number = |r: &mut Reader<'a>, name| cbor_number(r, i, name);
+        match label {
+            label::BVER => set!(
+                bver,
+                match r.untagged()? {
+                    Item::Uint(v) => v,
+                    _ => return Err(type_error(i, "bver", "an unsigned integer")),
+                }
+            ),
+            label::BN => set!(bn, text(r, "bn")?),
+            label::BT => set!(bt, number(r, "bt")?),
+            label::BU => set!(bu, text(r, "bu")?),
+            label::BV => set!(bv, number(r, "bv")?),
+            label::BS => set!(bs, number(r, "bs")?),
+            label::N => set!(n, text(r, "n")?),
+            label::U => set!(u, text(r, "u")?),
+            label::V => set!(v, number(r, "v")?),
+            label::VS => set!(vs, text(r, "vs")?),
+            label::VB => set!(
+                vb,
+                match r.untagged()? {
+                    Item::Bool(b) => b,
+                    _ => return Err(type_error(i, "vb", "a boolean")),
+                }
+            ),
+            label::S => set!(s, number(r, "s")?),
+            label::T => set!(t, number(r, "t")?),
+            label::UT => set!(ut, number(r, "ut")?),
+            label::VD => set!(
+                vd,
+                match r.untagged()? {
+                    Item::Bytes(b) => b,
+                    Item::Text(s) => Cow::Owned(base64url::decode(&s).ok_or_else(|| {
+                        FieldError::Decode(DecodeError::Senml(format!(
+                            "record {i}: vd is not base64url"
+                        )))
+                    })?),
+                    _ => return Err(type_error(i, "vd", "a byte string")),
+                }
+            ),
+            _ => r.skip()?,
+        }
+    }
+    Ok(rec)
+}
+
+/// A number: an integer (bignums included) or a float.
+fn cbor_number(r: &mut Reader<'_>, i: usize, name: &str) -> Result<f64, FieldError> {
+    let mut bignum = None;
+    loop {
+        return match r.item()? {
+            Item::Tag(tag @ (2 | 3)) if bignum.is_none() => {
+                bignum = Some(tag == 3);
+                continue;
+            }
+            Item::Tag(_) if bignum.is_none() => continue,
+            Item::Bytes(b) if bignum.is_some() => {
+                let magnitude = b
+                    .iter()
+                    .fold(0.0, |acc, &byte| acc * 256.0 + f64::from(byte));
+                Ok(if bignum == Some(true) {
+                    -1.0 - magnitude
+                } else {
+                    magnitude
+                })
+            }
+            Item::Uint(v) if bignum.is_none() => Ok(v as f64),
+            Item::Nint(v) if bignum.is_none() => Ok(-1.0 - v as f64),
+            Item::Float(f) if bignum.is_none() => Ok(f),
+            _ => Err(type_error(i, name, "a number")),
+        };
+    }
 }
 
 #[cfg(test)]
@@ -671,5 +958,121 @@ mod tests {
             decode_any(&bytes, None, NOW),
             Err(DecodeError::NotFinite { .. })
         ));
+    }
+
+    /// The streaming CBOR path against the `ciborium` one (parse, then
+    /// resolve): the same readings, or both an error (which one may differ
+    /// for a payload with several faults: the streaming path stops at the
+    /// first record at fault, `ciborium` parses every record first).
+    fn same_as_ciborium(bytes: &[u8], limits: &Limits) -> Result<(), String> {
+        let streaming = decode_cbor(bytes, NOW, limits);
+        let reference =
+            parse(bytes, Encoding::Cbor, limits.max_records).and_then(|r| resolve(&r, NOW, limits));
+        let same = match (&streaming, &reference) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(_), Err(_)) => true,
+            // ciborium takes a byte string for a sequence of numbers; the
+            // dispatcher only hands arrays to SenML anyway.
+            (Err(_), Ok(_)) => bytes.first().is_some_and(|b| b >> 5 == 2),
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(format!(
+                "{bytes:02x?}\nstreaming {streaming:?}\nciborium  {reference:?}"
+            ))
+        }
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        let name = proptest::option::of("[a-z][a-z0-9:._-]{0,6}|-x| a");
+        let number = proptest::option::of(prop_oneof![
+            any::<i32>().prop_map(f64::from),
+            -1e12f64..1e12,
+            Just(1.7e9),
+        ]);
+        (
+            (name.clone(), name.clone(), number.clone(), number.clone()),
+            (number.clone(), number.clone(), number.clone()),
+            (
+                proptest::option::of("[a-z%]{0,4}"),
+                proptest::option::of("[ -~]{0,8}"),
+                proptest::option::of(any::<bool>()),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6)),
+                proptest::option::of(0u64..12),
+            ),
+        )
+            .prop_map(
+                |((bn, n, bt, t), (v, bv, s), (u, vs, vb, vd, bver))| Record {
+                    bn,
+                    n,
+                    bt,
+                    t,
+                    v,
+                    bv,
+                    s,
+                    u,
+                    vs,
+                    vb,
+                    vd,
+                    bver,
+                    ..Record::default()
+                },
+            )
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn streaming_cbor_decodes_as_ciborium_does(
+            records in proptest::collection::vec(record(), 0..6),
+            cuts in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
+            truncate in proptest::option::of(any::<proptest::sample::Index>()),
+            max_records in 1usize..8,
+        ) {
+            let mut bytes = edge_payload::senml::encode_cbor(&records).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let limits = Limits { max_records, ..Limits::default() };
+            same_as_ciborium(&bytes, &limits).map_err(TestCaseError::fail)?;
+            // Damaged copies: flipped bytes, a cut tail.
+            if !bytes.is_empty() {
+                for (at, byte) in &cuts {
+                    let at = at.index(bytes.len());
+                    bytes[at] = *byte;
+                }
+                if let Some(len) = truncate {
+                    bytes.truncate(len.index(bytes.len()));
+                }
+                same_as_ciborium(&bytes, &limits).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_cbor_takes_what_ciborium_takes() {
+        let limits = Limits::default();
+        for bytes in [
+            // Indefinite pack and record, a text key, an ignored nested value.
+            &[
+                0x9f, 0xbf, 0x00, 0x61, b'a', 0x02, 0x01, 0x63, b'f', b'o', b'o', 0x82, 0x01, 0x02,
+                0xff, 0xff,
+            ][..],
+            // Chunked name, half-float value, a tag around the pack.
+            &[
+                0xc1, 0x81, 0xa2, 0x00, 0x7f, 0x61, b'a', 0x61, b'b', 0xff, 0x02, 0xf9, 0x3c, 0x00,
+            ],
+            // Unknown integer label 9 and -7 skipped.
+            &[0x81, 0xa3, 0x00, 0x61, b'a', 0x09, 0x80, 0x26, 0xa0],
+            // The value as a bignum.
+            &[0x81, 0xa2, 0x00, 0x61, b'a', 0x02, 0xc2, 0x42, 0x01, 0x00],
+            // A map that is not closed, a break in the wrong place.
+            &[0x81, 0xbf, 0x00, 0x61, b'a'],
+            &[0x81, 0xff],
+        ] {
+            if let Err(e) = same_as_ciborium(bytes, &limits) {
+                panic!("{e}");
+            }
+        }
     }
 }

@@ -134,6 +134,11 @@ impl Mosquitto {
     }
 
     /// The broker port on 127.0.0.1.
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

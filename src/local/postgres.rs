@@ -259,6 +259,12 @@ impl LocalPostgres {
     }
 
     /// The TCP port on 127.0.0.1.
+    /// The process the cluster runs under (the postmaster, or `runuser`
+    /// starting it as `postgres`): its tree holds every backend.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -126,6 +126,50 @@ pub fn process(pid: u32) -> Option<ProcessFigures> {
     })
 }
 
+/// The `(pid, ppid, own CPU ticks, reaped children's CPU ticks)` of a
+/// `/proc/<pid>/stat` line.
+fn stat_ticks(stat: &str) -> Option<(u32, u32, f64, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let pid = head.split_whitespace().next()?.parse().ok()?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    let ppid = fields.get(1)?.parse().ok()?;
+    Some((pid, ppid, tick(11) + tick(12), tick(13) + tick(14)))
+}
+
+/// CPU seconds used by process `root` and all its descendants, alive or
+/// reaped (a reaped child's time is in its parent's `cutime`/`cstime`): a
+/// database server's whole cost, backends that came and went included.
+pub fn tree_cpu_secs(root: u32) -> f64 {
+    let mut all = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let path = entry.path().join("stat");
+            if let Some(t) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| stat_ticks(&s))
+            {
+                all.push(t);
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut ticks = 0.0;
+    let mut i = 0;
+    while let Some(&pid) = tree.get(i) {
+        i += 1;
+        for &(p, parent, own, reaped) in &all {
+            if p == pid {
+                ticks += own + reaped;
+            }
+            if parent == pid && p != pid {
+                tree.push(p);
+            }
+        }
+    }
+    ticks / clock_ticks()
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`, 100 when unknown).
 pub fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -143,11 +187,20 @@ pub fn clock_ticks() -> f64 {
 /// Sends SIGTERM and waits up to `within` for the exit; its status, or
 /// `None` when it had not exited by then (it is then killed and reaped).
 pub fn terminate(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    signal(child, "-TERM", within)
+}
+
+/// [`terminate`] with SIGINT (what `perf record` takes to write its file).
+pub fn interrupt(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    signal(child, "-INT", within)
+}
+
+fn signal(child: &mut Child, signal: &str, within: Duration) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status();
     let status = wait_exit(child, within);
     if status.is_none() {
