@@ -22,6 +22,21 @@
 //! 4. optionally (`E2E_SOAK_SECS`), a soak at 80% of the burst rate over
 //!    many devices, printing the gateway's RSS every 10 s.
 //!
+//! With `E2E_DRAIN=1` it first measures what a gateway restarting after an
+//! outage meets: the gateway is started once (for its durable session) and
+//! stopped, the whole load is queued in mosquitto, and the drain is timed
+//! from the gateway's process start to its last commit (read from its own
+//! `/metrics`), against one raw binary COPY of every row over one
+//! connection (PostgreSQL's single-stream ceiling), with the CPU split:
+//! the gateway process, the database server's process tree (backends come
+//! and go; reaped ones count through their parent), mosquitto.
+//! `E2E_LIVE=0` skips the live phases; `E2E_PERF=FILE` records the whole
+//! machine with `perf record -a -g` during the drain; `E2E_STATEMENTS=1`
+//! prints the drain's top statements from `pg_stat_statements`;
+//! `E2E_PEER="command"` drains the same backlog with that command instead
+//! of the gateway (the Python baseline, `benches/peers/consumer.py`).
+//! `bash benches/drain.sh` runs every format with and without the index.
+//!
 //! Throughout it samples the gateway's RSS (peak from `VmHWM`) and CPU time
 //! (`/proc/<pid>/stat`), and whole-machine CPU use, and at the end checks
 //! that the table holds exactly the readings published. It prints a table
@@ -121,6 +136,12 @@ struct Options {
     live: bool,
     /// Record the whole machine with `perf` during the drain, into this file.
     perf: Option<PathBuf>,
+    /// Print the drain's top statements from `pg_stat_statements`.
+    statements: bool,
+    /// A shell command that drains the backlog instead of the gateway (a
+    /// peer consumer: `benches/peers/consumer.py`), given `PEER_*` settings
+    /// in its environment; it exits when done.
+    peer: Option<String>,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T> {
@@ -155,6 +176,10 @@ impl Options {
             drain: env_or::<u8>("E2E_DRAIN", 0)? != 0,
             live: env_or::<u8>("E2E_LIVE", 1)? != 0,
             perf: std::env::var_os("E2E_PERF").map(PathBuf::from),
+            statements: env_or::<u8>("E2E_STATEMENTS", 0)? != 0,
+            peer: std::env::var("E2E_PEER")
+                .ok()
+                .filter(|p| !p.trim().is_empty()),
             pg_settings: std::env::var("E2E_PG_SETTINGS")
                 .unwrap_or_else(|_| PRODUCTION_PG.to_string()),
         };
@@ -294,6 +319,8 @@ async fn ceiling(
     // Encoded before timing: the ceiling is PostgreSQL's, not our encoder's.
     let mut batches: Vec<Bytes> = Vec::new();
     let mut buffer = RowBuffer::new(batch_rows * 64);
+    // The rows the gateway stores: SenML records carry a unit.
+    let units = matches!(o.format, Format::SenmlCbor | Format::SenmlJson);
     let ids: Vec<String> = (0..o.devices)
         .map(|d| firmware_sim::device_id("e2e-ceiling-", d))
         .collect();
@@ -307,7 +334,7 @@ async fn ceiling(
                     .text(id)
                     .text(metric)
                     .float8(*value)
-                    .null()
+                    .opt_text(units.then(|| firmware_sim::unit_of(metric)).flatten())
                     .null()
                     .null()
                     .null()
@@ -598,6 +625,76 @@ fn profile(file: &Option<PathBuf>) -> Result<Option<Child>> {
     Ok(Some(child))
 }
 
+/// The backlog drained by a peer consumer instead of the gateway: a
+/// durable session for it, the backlog queued, then the peer started and
+/// timed to its exit. `gateway_cpu` holds the peer's CPU.
+async fn peer_drain(
+    o: &Options,
+    peer: &str,
+    broker: &Mosquitto,
+    database_url: &str,
+    db_cpu: &dyn Fn() -> f64,
+) -> Result<Drain> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let client_id = "e2e-peer";
+    let topic = "devices/+/telemetry";
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
+    options.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client.subscribe(topic, QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+            break;
+        }
+    }
+    client.disconnect().await?;
+    let _ = eventloop.poll().await;
+    eprintln!(
+        "e2e: peer drain: queueing {} readings ...",
+        o.total_readings()
+    );
+    let (queued, _) = burst(o, broker.port(), "e2e-q-").await?;
+    let db0 = db_cpu();
+    let started = Instant::now();
+    let mut child = Command::new("sh")
+        .args(["-c", peer])
+        .env("PEER_MQTT_HOST", "127.0.0.1")
+        .env("PEER_MQTT_PORT", broker.port().to_string())
+        .env("PEER_CLIENT_ID", client_id)
+        .env("PEER_TOPIC", topic)
+        .env("PEER_DATABASE_URL", database_url)
+        .env("PEER_EXPECT", queued.to_string())
+        .spawn()
+        .context("start the peer")?;
+    eprintln!("e2e: peer drain: {peer} started ...");
+    let (mut cpu, mut peak) = (0.0, 0.0f64);
+    let status = loop {
+        let pid = child.id();
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        cpu = probe::tree_cpu_secs(pid).max(cpu);
+        peak = peak.max(probe::process(pid).map_or(0.0, |f| f.peak_rss_kib as f64 / 1024.0));
+        if started.elapsed() > Duration::from_secs(1800) {
+            let _ = child.kill();
+            bail!("the peer did not finish within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("the peer failed: {status}");
+    }
+    Ok(Drain {
+        queued,
+        secs,
+        gateway_cpu: cpu,
+        db_cpu: db_cpu() - db0,
+        broker_cpu: 0.0,
+        peak_rss_mb: peak,
+    })
+}
+
 /// Starts `edge-gateway run` and waits until it is ready (`/readyz`);
 /// its log is appended to `dir/gateway.log`.
 async fn start_gateway(
@@ -658,12 +755,21 @@ async fn live_phases(
     // Burst.
     eprintln!("e2e: burst: publishing {total} readings as fast as the broker accepts ...");
     let latency = "edge_gateway_reading_to_commit_seconds";
+    // After a drain the counter starts at what the drain committed.
+    let before_burst = gw.committed().await?;
     let cpu0 = gw.cpu_secs();
     let machine0 = machine_jiffies();
     // Timed from the first publish (after encoding) to the last commit.
     let (burst_published, started) = burst(o, broker.port(), "e2e-b-").await?;
     let publish_secs = started.elapsed().as_secs_f64();
-    let burst = watch(gw, started, total, Duration::from_secs(300), 1.0).await?;
+    let burst = watch(
+        gw,
+        started,
+        before_burst + total,
+        Duration::from_secs(300),
+        1.0,
+    )
+    .await?;
     let burst_cpu = gw.cpu_secs() - cpu0;
     let machine1 = machine_jiffies();
     let machine_busy =
@@ -862,7 +968,10 @@ async fn run(o: Options) -> Result<()> {
         o.publishers,
         if o.index { "on" } else { "off" }
     );
-    let settings = o.pg_settings.clone();
+    let mut settings = o.pg_settings.clone();
+    if o.statements {
+        settings.push_str(";shared_preload_libraries=pg_stat_statements");
+    }
     let workers = o.citus;
     let pg = tokio::task::spawn_blocking(move || -> Result<Database> {
         let settings = lines(&settings);
@@ -962,6 +1071,43 @@ async fn run(o: Options) -> Result<()> {
     let ceiling_rate = ceiling_runs.iter().copied().fold(0.0, f64::max);
     let single_rate = single_runs.iter().copied().fold(0.0, f64::max);
 
+    if let Some(peer) = &o.peer {
+        let drain = peer_drain(&o, peer, &broker, &pg.url(), &db_cpu).await?;
+        let stored: i64 = client
+            .query_one("SELECT count(*) FROM edge.readings", &[])
+            .await?
+            .get(0);
+        if stored as u64 != drain.queued {
+            bail!("the peer stored {stored} readings of {}", drain.queued);
+        }
+        let rate = drain.queued as f64 / drain.secs;
+        let per = |cpu: f64| cpu / drain.queued as f64 * 1e6;
+        let single_db_us = single_db_cpu / o.total_readings() as f64 * 1e6;
+        println!(
+            "\npeer consumer ({peer}), {} readings queued, {indexes} index(es)\n  \
+             drain (r/s) {rate:.0}   one raw COPY (r/s) {single_rate:.0}   ratio {:.3}\n  \
+             CPU us/reading: peer {:.3}, database {:.3} (raw COPY {single_db_us:.3})",
+            drain.queued,
+            rate / single_rate,
+            per(drain.gateway_cpu),
+            per(drain.db_cpu),
+        );
+        let json = serde_json::json!({
+            "peer": peer,
+            "format": o.format.name(),
+            "indexes": indexes,
+            "drain_readings": drain.queued,
+            "drain_readings_per_s": rate.round(),
+            "single_copy_readings_per_s": single_rate.round(),
+            "drain_ratio": (rate / single_rate * 1000.0).round() / 1000.0,
+            "drain_peer_cpu_us": (per(drain.gateway_cpu) * 1000.0).round() / 1000.0,
+            "drain_db_cpu_us": (per(drain.db_cpu) * 1000.0).round() / 1000.0,
+            "single_copy_db_cpu_us": (single_db_us * 1000.0).round() / 1000.0,
+        });
+        println!("{json}");
+        return Ok(());
+    }
+
     let start = || start_gateway(&o.gateway, &config_path, dir.path(), http_port);
     let drain = if o.drain {
         // A first start makes the durable session the backlog queues in.
@@ -969,6 +1115,14 @@ async fn run(o: Options) -> Result<()> {
         eprintln!("e2e: drain: queueing {total} readings in the broker, gateway stopped ...");
         let (queued, _) = burst(&o, broker.port(), "e2e-q-").await?;
         client.batch_execute("CHECKPOINT").await?;
+        if o.statements {
+            client
+                .batch_execute(
+                    "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; \
+                     SELECT pg_stat_statements_reset()",
+                )
+                .await?;
+        }
         let (db0, broker0) = (db_cpu(), broker_cpu());
         let started = Instant::now();
         let gw = start().await?;
@@ -977,6 +1131,20 @@ async fn run(o: Options) -> Result<()> {
         let w = watch(&gw, started, queued, Duration::from_secs(600), 1.0).await?;
         if let Some(mut perf) = perf {
             probe::interrupt(&mut perf, Duration::from_secs(60));
+        }
+        if o.statements {
+            for row in client
+                .query(
+                    "SELECT calls, round(total_exec_time::numeric, 1)::float8, \
+                     left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+                     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15",
+                    &[],
+                )
+                .await?
+            {
+                let (calls, ms, query): (i64, f64, String) = (row.get(0), row.get(1), row.get(2));
+                eprintln!("e2e: statements {calls:>7} calls {ms:>9.1} ms  {query}");
+            }
         }
         let drain = Drain {
             queued,

@@ -1,9 +1,14 @@
 //! SenML (RFC 8428) decoding and resolution, JSON and CBOR alike.
 //!
-//! One serde visitor reads records from either encoding straight into
-//! [`edge_payload::senml::Record`]: map keys may be the JSON string labels or
-//! the CBOR integer labels. Unknown labels are ignored unless they end in `_`
-//! (must-understand, RFC 8428 section 4.4), which rejects the pack.
+//! CBOR, the encoding of high-rate devices, is read in one pass by the
+//! streaming reader ([`super::cbor`]): each record's fields are borrowed
+//! from the payload and resolved at once ([`decode_cbor`]). JSON goes through
+//! a serde visitor into [`edge_payload::senml::Record`]s, then the same
+//! [`Resolver`]; that visitor also reads CBOR through `ciborium`, which the
+//! tests and the fuzz target use as the reference for the streaming path.
+//! Map keys may be the JSON string labels or the CBOR integer labels.
+//! Unknown labels are ignored unless they end in `_` (must-understand, RFC
+//! 8428 section 4.4), which rejects the pack.
 //!
 //! Resolution (section 4.6): base fields apply to their own record and every
 //! later one until replaced; name = base name + name; time = base time + time,

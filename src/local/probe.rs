@@ -236,6 +236,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tree_counts_its_reaped_children() {
+        let me = std::process::id();
+        // A child that burns CPU, then is reaped: its time moves into this
+        // process's cutime/cstime, which the tree counts.
+        let before = tree_cpu_secs(me);
+        let status = Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        let after = tree_cpu_secs(me);
+        assert!(after > before, "{before} -> {after}");
+        assert!(after >= process(me).map_or(0.0, |f| f.cpu_secs));
+    }
+
+    #[test]
     fn figures_are_read_from_prometheus_text() {
         let text = "# HELP x\nedge_a_total 12\nedge_a_total_other 3\nedge_h_bucket{le=\"0.1\"} 4\nedge_h_bucket{le=\"+Inf\"} 9\n";
         assert_eq!(metric(text, "edge_a_total"), Some(12.0));
