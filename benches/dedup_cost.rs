@@ -103,6 +103,7 @@ fn batches(
                 partitions.interval(),
                 window,
                 identity,
+                None,
             );
         }
         out.push(batch.seal(ids.next()));

@@ -331,6 +331,7 @@ impl Worker {
                 window,
                 identity,
                 restart,
+                verify,
             } => {
                 if restart {
                     self.metrics.device_restarts.fetch_add(1, Relaxed);
@@ -344,6 +345,10 @@ impl Worker {
                     self.config.partitions,
                     window,
                     identity,
+                    decoded
+                        .seq
+                        .filter(|_| verify)
+                        .map(|seq| (seq, decoded.boot)),
                 );
                 if let Some(analytics) = &mut self.analytics {
                     for r in &decoded.readings {

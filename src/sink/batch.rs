@@ -58,6 +58,10 @@ pub struct MessageEntry {
     /// with times relative to "now" may repeat its bytes as a new
     /// measurement (only a redelivery of it is a duplicate).
     pub repeat_ok: bool,
+    /// A redelivery whose device's sequence window was not in memory, with
+    /// its `(seq, boot)`: the commit checks it against the stored window
+    /// (`device_watermarks`) and leaves it out if that window had it.
+    pub verify: Option<(u64, Option<u64>)>,
 }
 
 /// A batch being filled by one shard worker.
@@ -169,6 +173,7 @@ impl Batch {
             newest: 0,
             identity: None,
             repeat_ok: false,
+            verify: None,
         }
     }
 
@@ -188,6 +193,7 @@ impl Batch {
         partitions: PartitionInterval,
         window: Option<SeqWindow>,
         identity: Option<(u128, bool)>,
+        verify: Option<(u64, Option<u64>)>,
     ) {
         let mut entry = self.entry(message);
         let device = message.device.as_deref().unwrap_or("");
@@ -204,6 +210,7 @@ impl Batch {
         entry.newest = readings.iter().map(|r| r.time).max().unwrap_or(0);
         entry.identity = identity.map(|(id, _)| id);
         entry.repeat_ok = identity.is_some_and(|(_, repeat_ok)| repeat_ok);
+        entry.verify = verify;
         if let (Some(window), Some(device)) = (window, &message.device) {
             match self.watermarks.iter_mut().find(|(d, _)| d == device) {
                 Some(slot) => slot.1 = window,
@@ -391,7 +398,9 @@ mod tests {
                     .map(|&(v, t)| Reading { time: m.received + t, metric: "m".into(), value: Value::Number(v), unit: None, sum: None })
                     .collect();
                 let window = seq.map(|s| SeqWindow::starting_at(s).with_state(s.checked_sub(5), (s % 3) as u32, s as i64));
-                batch.push_readings(&m, &readings, PartitionInterval::Daily, window, identity.map(|id| (id, id % 2 == 0)));
+                // Every third sequenced message is a redelivery to verify.
+                let verify = seq.filter(|s| s % 3 == 0).map(|s| (s, s.checked_sub(7)));
+                batch.push_readings(&m, &readings, PartitionInterval::Daily, window, identity.map(|id| (id, id % 2 == 0)), verify);
             }
             let sealed = batch.seal(BatchId { run: 7, seq: 9 });
             let bytes = sealed.encode();

@@ -22,8 +22,9 @@ use super::batch::{
 use super::connection::{describe, is_permanent, Db};
 use super::copy::{select_rows, split_rows, RowBuffer};
 use super::partitions::Partitions;
+use super::restore;
 use crate::alerts::AlertNotice;
-use crate::model::seq_window::SeqWindow;
+use crate::model::seq_window::{Admission, SeqWindow};
 use crate::model::{now_micros, DeadLetterReason};
 use crate::telemetry::Metrics;
 
@@ -108,6 +109,40 @@ async fn record_identities(
         .filter_map(|m| m.identity)
         .filter(|id| !new.contains(id.to_be_bytes().as_slice()))
         .collect())
+}
+
+/// The ids of `messages` marked for verification whose stored sequence
+/// window (`device_watermarks`, read in this transaction) already holds
+/// them: redeliveries of devices whose window the worker had evicted.
+/// Checked in batch order, each admitted one moving its device's window,
+/// so repeats within the batch are caught too. Rare, and one query.
+async fn stored_repeats(
+    tx: &Transaction<'_>,
+    s: &str,
+    messages: &[&MessageEntry],
+) -> Result<HashSet<u64>, tokio_postgres::Error> {
+    let to_check: Vec<(&MessageEntry, &str, u64, Option<u64>)> = messages
+        .iter()
+        .filter_map(|m| {
+            let (seq, boot) = m.verify?;
+            Some((*m, m.device.as_deref()?, seq, boot))
+        })
+        .collect();
+    if to_check.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let devices: Vec<&str> = to_check.iter().map(|(_, d, _, _)| *d).collect();
+    let mut windows = restore::windows_of(tx, s, &devices).await?;
+    let mut repeats = HashSet::new();
+    for (m, device, seq, boot) in to_check {
+        let Some(window) = windows.get_mut(device) else {
+            continue;
+        };
+        if window.admit(seq, boot, m.newest) == Admission::Repeat {
+            repeats.insert(m.id);
+        }
+    }
+    Ok(repeats)
 }
 
 /// COPYs alert rows and sends their NOTIFY payloads (`notices`, one per row).
@@ -296,9 +331,12 @@ pub async fn commit(
     if !isolate {
         let all: Vec<&MessageEntry> = batch.messages.iter().collect();
         let known = record_identities(&tx, s, &all).await?;
-        done.duplicates = known.len();
-        let is_new = |m: &MessageEntry| m.identity.is_none_or(|id| !known.contains(&id));
-        let (rows, n) = if known.is_empty() {
+        let repeats = stored_repeats(&tx, s, &all).await?;
+        done.duplicates = known.len() + repeats.len();
+        let is_new = |m: &MessageEntry| {
+            m.identity.is_none_or(|id| !known.contains(&id)) && !repeats.contains(&m.id)
+        };
+        let (rows, n) = if known.is_empty() && repeats.is_empty() {
             (batch.readings.clone(), batch.reading_rows)
         } else {
             batch.readings_where(is_new)
@@ -344,14 +382,17 @@ pub async fn commit(
         let part = &messages[range.clone()];
         let attempt = isolated!(tx, sp => async {
             let known = record_identities(&sp, s, part).await?;
+            let repeats = stored_repeats(&sp, s, part).await?;
             let ids: HashSet<u64> = part.iter().map(|m| m.id).collect();
             let (rows, n) = batch.readings_where(|x| {
-                ids.contains(&x.id) && x.identity.is_none_or(|id| !known.contains(&id))
+                ids.contains(&x.id)
+                    && x.identity.is_none_or(|id| !known.contains(&id))
+                    && !repeats.contains(&x.id)
             });
             if n > 0 {
                 copy(&sp, &readings_sql, rows).await?;
             }
-            Ok::<_, tokio_postgres::Error>((known.len(), n))
+            Ok::<_, tokio_postgres::Error>((known.len() + repeats.len(), n))
         }
         .await);
         match (attempt, part) {

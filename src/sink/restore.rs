@@ -3,9 +3,10 @@
 //! recent messages without a sequence (`message_ids`). The shards rebuild
 //! their dedup from it at start, so a restart forgets nothing committed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::model::seq_window::SeqWindow;
 use crate::model::Micros;
@@ -29,19 +30,48 @@ pub async fn windows(
         )
         .await?;
     for row in &rows {
-        let window = SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2))
-            .with_state(
-                row.get::<_, Option<i64>>(3).map(|b| b as u64),
-                row.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
-                row.get::<_, i64>(5),
-            );
         f(
             Arc::from(row.get::<_, &str>(0)),
-            window,
+            window_of(row),
             row.get::<_, i64>(6),
         );
     }
     Ok(rows.len())
+}
+
+/// The window of a row whose columns 1 to 5 are `seq, seen, boot, epoch,
+/// newest`.
+fn window_of(row: &tokio_postgres::Row) -> SeqWindow {
+    SeqWindow::restore(row.get::<_, i64>(1) as u64, row.get::<_, &[u8]>(2)).with_state(
+        row.get::<_, Option<i64>>(3).map(|b| b as u64),
+        row.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
+        row.get::<_, i64>(5),
+    )
+}
+
+/// The stored windows of `devices` (those that have one), read inside the
+/// commit that needs them.
+///
+/// # Errors
+/// Database errors.
+pub async fn windows_of(
+    client: &impl GenericClient,
+    schema: &str,
+    devices: &[&str],
+) -> Result<HashMap<String, SeqWindow>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT device_id, seq, seen, boot, epoch, newest FROM {schema}.device_watermarks \
+                 WHERE device_id = ANY($1)"
+            ),
+            &[&devices],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), window_of(row)))
+        .collect())
 }
 
 /// Calls `f(device, identity, received)` for every identity recorded within

@@ -470,6 +470,7 @@ mod tests {
                 newest: 7,
                 identity: Some(u128::MAX - n as u128),
                 repeat_ok: n % 2 == 0,
+                verify: None,
             }],
             watermarks: vec![(Arc::from("d"), SeqWindow::starting_at(n as u64))],
             partitions: vec![20_000, 20_001],

@@ -51,7 +51,19 @@ impl SealedBatch {
                 }
                 None => b.put_u8(0),
             }
-            b.put_u8(u8::from(m.repeat_ok));
+            // Flags: 1 repeat_ok, 2 verify, then seq and boot (version 4
+            // wrote 0 or 1 only, so its files read the same).
+            b.put_u8(u8::from(m.repeat_ok) | (u8::from(m.verify.is_some()) << 1));
+            if let Some((seq, boot)) = m.verify {
+                b.put_u64(seq);
+                match boot {
+                    Some(boot) => {
+                        b.put_u8(1);
+                        b.put_u64(boot);
+                    }
+                    None => b.put_u8(0),
+                }
+            }
         }
         b.put_u32(self.watermarks.len() as u32);
         for (device, window) in &self.watermarks {
@@ -126,13 +138,24 @@ impl SealedBatch {
                 1 => Some(get_u128(b)?),
                 _ => return None,
             };
-            let repeat_ok = match version {
-                3 => false,
+            let flags = match version {
+                3 => 0,
                 _ => match get_u8(b)? {
-                    0 => false,
-                    1 => true,
+                    flags @ 0..=3 => flags,
                     _ => return None,
                 },
+            };
+            let repeat_ok = flags & 1 != 0;
+            let verify = if flags & 2 != 0 {
+                let seq = get_u64(b)?;
+                let boot = match get_u8(b)? {
+                    0 => None,
+                    1 => Some(get_u64(b)?),
+                    _ => return None,
+                };
+                Some((seq, boot))
+            } else {
+                None
             };
             messages.push(MessageEntry {
                 id,
@@ -145,6 +168,7 @@ impl SealedBatch {
                 newest,
                 identity,
                 repeat_ok,
+                verify,
             });
         }
         let n = get_u32(b)? as usize;

@@ -1,0 +1,207 @@
+//! SenML CBOR in one pass: the streaming reader ([`crate::decode::cbor`])
+//! hands each record's fields, borrowed from the payload, to the
+//! [`Resolver`] as they are read.
+
+use std::borrow::Cow;
+
+use edge_payload::base64url;
+use edge_payload::senml::label;
+
+use super::visitor::{key_from_str, Key};
+use super::{RecordRef, Resolver};
+use crate::decode::cbor::{CborError, Item, Reader};
+use crate::decode::{DecodeError, Limits};
+use crate::model::{Decoded, Micros};
+
+/// Decodes and resolves a CBOR pack in one pass over the payload, with the
+/// streaming reader: the same result and error classes as parsing with
+/// `ciborium` ([`parse`]) and then [`resolve`], without building a record
+/// or a string that is not a reading's own.
+///
+/// # Errors
+/// [`DecodeError::Cbor`] for malformed CBOR and for labels of the wrong
+/// type, [`DecodeError::TooManyRecords`], and the errors of [`Resolver::push`].
+pub fn decode_cbor(body: &[u8], received: Micros, limits: &Limits) -> Result<Decoded, DecodeError> {
+    let mut r = Reader::new(body);
+    let cbor = |e: CborError| DecodeError::Cbor(e.to_string());
+    let count = match r.untagged().map_err(cbor)? {
+        Item::Array(count) => count,
+        _ => return Err(DecodeError::Cbor("a SenML pack must be an array".into())),
+    };
+    let hint = count.map_or(8, |n| n as usize);
+    let mut resolver = Resolver::new(received, limits, hint);
+    let mut i = 0usize;
+    loop {
+        if count.is_some_and(|n| i as u64 == n) {
+            break;
+        }
+        let item = r.untagged().map_err(cbor)?;
+        if count.is_none() && item == Item::Break {
+            break;
+        }
+        if i == limits.max_records {
+            return Err(DecodeError::TooManyRecords {
+                limit: limits.max_records,
+            });
+        }
+        let record = cbor_record(&mut r, item, i).map_err(|e| match e {
+            FieldError::Cbor(e) => cbor(e),
+            FieldError::Decode(e) => e,
+        })?;
+        resolver.push(i, record)?;
+        i += 1;
+    }
+    if r.remaining() > 0 {
+        return Err(DecodeError::Cbor(format!(
+            "{} trailing bytes after the pack",
+            r.remaining()
+        )));
+    }
+    Ok(resolver.finish())
+}
+
+/// Why one record could not be read.
+enum FieldError {
+    Cbor(CborError),
+    Decode(DecodeError),
+}
+
+impl From<CborError> for FieldError {
+    fn from(e: CborError) -> FieldError {
+        FieldError::Cbor(e)
+    }
+}
+
+fn type_error(i: usize, label: &str, expected: &str) -> FieldError {
+    FieldError::Decode(DecodeError::Cbor(format!(
+        "record {i}: {label} must be {expected}"
+    )))
+}
+
+/// Reads record `i`, whose header `item` was just read.
+fn cbor_record<'a>(
+    r: &mut Reader<'a>,
+    item: Item<'a>,
+    i: usize,
+) -> Result<RecordRef<'a>, FieldError> {
+    let count = match item {
+        Item::Map(count) => count,
+        _ => return Err(type_error(i, "a record", "a map")),
+    };
+    let mut rec = RecordRef::default();
+    let mut pairs = 0u64;
+    loop {
+        if count.is_some_and(|n| pairs == n) {
+            break;
+        }
+        pairs += 1;
+        let label = match r.untagged()? {
+            Item::Break if count.is_none() => break,
+            Item::Uint(v) if v <= 8 => v as i64,
+            Item::Nint(v) if v < 6 => -1 - v as i64,
+            Item::Uint(_) | Item::Nint(_) => {
+                r.skip()?;
+                continue;
+            }
+            Item::Text(key) => match key_from_str(&key) {
+                Key::Known(label) => label,
+                Key::Ignored => {
+                    r.skip()?;
+                    continue;
+                }
+                Key::MustUnderstand(name) => {
+                    return Err(FieldError::Decode(DecodeError::Senml(format!(
+                        "record {i}: unknown must-understand label {name:?}"
+                    ))))
+                }
+            },
+            _ => return Err(type_error(i, "a label", "an integer or a text string")),
+        };
+        macro_rules! set {
+            ($field:ident, $value:expr) => {{
+                if rec.$field.is_some() {
+                    return Err(FieldError::Decode(DecodeError::Senml(format!(
+                        concat!("record {}: duplicate label ", stringify!($field)),
+                        i
+                    ))));
+                }
+                rec.$field = Some($value);
+            }};
+        }
+        let text = |r: &mut Reader<'a>, name| match r.untagged()? {
+            Item::Text(s) => Ok(s),
+            _ => Err(type_error(i, name, "a text string")),
+        };
+        let number = |r: &mut Reader<'a>, name| cbor_number(r, i, name);
+        match label {
+            label::BVER => set!(
+                bver,
+                match r.untagged()? {
+                    Item::Uint(v) => v,
+                    _ => return Err(type_error(i, "bver", "an unsigned integer")),
+                }
+            ),
+            label::BN => set!(bn, text(r, "bn")?),
+            label::BT => set!(bt, number(r, "bt")?),
+            label::BU => set!(bu, text(r, "bu")?),
+            label::BV => set!(bv, number(r, "bv")?),
+            label::BS => set!(bs, number(r, "bs")?),
+            label::N => set!(n, text(r, "n")?),
+            label::U => set!(u, text(r, "u")?),
+            label::V => set!(v, number(r, "v")?),
+            label::VS => set!(vs, text(r, "vs")?),
+            label::VB => set!(
+                vb,
+                match r.untagged()? {
+                    Item::Bool(b) => b,
+                    _ => return Err(type_error(i, "vb", "a boolean")),
+                }
+            ),
+            label::S => set!(s, number(r, "s")?),
+            label::T => set!(t, number(r, "t")?),
+            label::UT => set!(ut, number(r, "ut")?),
+            label::VD => set!(
+                vd,
+                match r.untagged()? {
+                    Item::Bytes(b) => b,
+                    Item::Text(s) => Cow::Owned(base64url::decode(&s).ok_or_else(|| {
+                        FieldError::Decode(DecodeError::Senml(format!(
+                            "record {i}: vd is not base64url"
+                        )))
+                    })?),
+                    _ => return Err(type_error(i, "vd", "a byte string")),
+                }
+            ),
+            _ => r.skip()?,
+        }
+    }
+    Ok(rec)
+}
+
+/// A number: an integer (bignums included) or a float.
+fn cbor_number(r: &mut Reader<'_>, i: usize, name: &str) -> Result<f64, FieldError> {
+    let mut bignum = None;
+    loop {
+        return match r.item()? {
+            Item::Tag(tag @ (2 | 3)) if bignum.is_none() => {
+                bignum = Some(tag == 3);
+                continue;
+            }
+            Item::Tag(_) if bignum.is_none() => continue,
+            Item::Bytes(b) if bignum.is_some() => {
+                let magnitude = b
+                    .iter()
+                    .fold(0.0, |acc, &byte| acc * 256.0 + f64::from(byte));
+                Ok(if bignum == Some(true) {
+                    -1.0 - magnitude
+                } else {
+                    magnitude
+                })
+            }
+            Item::Uint(v) if bignum.is_none() => Ok(v as f64),
+            Item::Nint(v) if bignum.is_none() => Ok(-1.0 - v as f64),
+            Item::Float(f) if bignum.is_none() => Ok(f),
+            _ => Err(type_error(i, name, "a number")),
+        };
+    }
+}
