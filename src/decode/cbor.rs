@@ -198,9 +198,15 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// As for [`item`](Self::item).
     pub fn untagged(&mut self) -> Result<Item<'a>, CborError> {
+        let mut tag = None;
         loop {
             match self.item()? {
-                Item::Tag(_) => {}
+                Item::Tag(t) => tag = Some(t),
+                Item::Break if tag.is_some() => return self.error("a tag before a break"),
+                // RFC 8949 3.4.3: a bignum is a byte string.
+                item if matches!(tag, Some(2 | 3)) && !matches!(item, Item::Bytes(_)) => {
+                    return self.error("a bignum tag on something other than a byte string")
+                }
                 item => return Ok(item),
             }
         }
@@ -225,9 +231,14 @@ impl<'a> Reader<'a> {
         // Items still expected by each open container (INDEFINITE: until
         // its break).
         let mut open = [0u64; MAX_DEPTH];
+        // For an indefinite-length map: whether it holds a key without its
+        // value so far (a break then is malformed).
+        let mut half = [false; MAX_DEPTH];
+        let mut is_map = [false; MAX_DEPTH];
         let mut depth = 0;
         let mut item = item;
         loop {
+            let map = matches!(item, Item::Map(None));
             let opened = match item {
                 Item::Array(Some(n)) if n > 0 => Some(n),
                 Item::Map(Some(n)) if n > 0 => Some(2 * n),
@@ -235,11 +246,17 @@ impl<'a> Reader<'a> {
                 Item::Tag(_) => {
                     // The tagged item is part of the same value.
                     item = self.item()?;
+                    if item == Item::Break {
+                        return self.error("a tag before a break");
+                    }
                     continue;
                 }
                 Item::Break => {
                     if depth == 0 || open[depth - 1] != INDEFINITE {
                         return self.error("unexpected break");
+                    }
+                    if half[depth - 1] {
+                        return self.error("a key without a value in a map");
                     }
                     depth -= 1;
                     None
@@ -251,10 +268,18 @@ impl<'a> Reader<'a> {
                     return self.error("nesting too deep");
                 }
                 open[depth] = n;
+                half[depth] = false;
+                is_map[depth] = map;
                 depth += 1;
             } else {
                 // A value completed: count it in the containers above.
-                while depth > 0 && open[depth - 1] != INDEFINITE {
+                while depth > 0 {
+                    if open[depth - 1] == INDEFINITE {
+                        if is_map[depth - 1] {
+                            half[depth - 1] = !half[depth - 1];
+                        }
+                        break;
+                    }
                     open[depth - 1] -= 1;
                     if open[depth - 1] > 0 {
                         break;
@@ -399,6 +424,16 @@ mod tests {
             Err("nesting too deep")
         );
         assert!(Reader::new(&[0xff]).skip().is_err());
+        // An indefinite map must not end after a key (found by fuzzing).
+        assert!(Reader::new(&[0xbf, 0x01, 0xff]).skip().is_err());
+        let mut r = Reader::new(&[0xbf, 0x01, 0x02, 0xff, 0x07]);
+        r.skip().unwrap();
+        assert_eq!(r.item(), Ok(Item::Uint(7)));
+        // A tag must tag an item, not a break (found by fuzzing).
+        assert!(Reader::new(&[0x9f, 0xc1, 0xff]).skip().is_err());
+        assert!(Reader::new(&[0xcd, 0xc9, 0xff]).untagged().is_err());
+        assert!(Reader::new(&[0xd6, 0xc3, 0x00]).untagged().is_err());
+        assert!(Reader::new(&[0xc2, 0x41, 0x01]).untagged().is_ok());
         assert!(Reader::new(&[0x82, 0x01, 0xff]).skip().is_err());
         // An indefinite map that never ends runs out of input.
         assert!(Reader::new(&[0xbf, 0x01, 0x02]).skip().is_err());
