@@ -53,7 +53,8 @@ pub struct Limits {
     /// final rollup written) to make room.
     pub max_series: usize,
     /// Most devices whose native sequence window is kept in memory (about
-    /// 200 bytes each); when full, the longest-idle device is evicted.
+    /// 200 bytes each); when full, the longest-idle device is evicted (a
+    /// redelivery of it is then checked against its stored window).
     pub max_dedup_devices: usize,
     /// Dead letters stored per device and minute; beyond it they are
     /// counted (`edge_gateway_dead_letters_suppressed_total`) and
