@@ -72,7 +72,7 @@ use edge_gateway::local::{
     citus::LocalCitus, free_port, mosquitto::Mosquitto, postgres::LocalPostgres, probe,
 };
 use edge_gateway::sink::batch::READINGS_COLUMNS;
-use edge_gateway::sink::copy::{RowBuffer, HEADER};
+use edge_gateway::sink::copy::{RowBuffer, HEADER, TRAILER};
 use edge_payload::Format;
 use firmware_sim::SimConfig;
 use futures_util::SinkExt;
@@ -349,21 +349,21 @@ async fn ceiling(
     if buffer.rows() > 0 {
         batches.push(buffer.finish());
     }
+    let sql = format!("COPY edge.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
     if single {
         let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
-        let sql = format!("COPY edge.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
         let last = batches.len() - 1;
         let started = Instant::now();
         let sink = client.copy_in(&sql).await?;
         futures_util::pin_mut!(sink);
         for (i, batch) in batches.into_iter().enumerate() {
-            // One stream: the header once, the trailer (2 bytes) once.
+            // One stream: the header once, the trailer once.
             let from = if i == 0 { 0 } else { HEADER.len() };
             let to = if i == last {
                 batch.len()
             } else {
-                batch.len() - 2
+                batch.len() - TRAILER.len()
             };
             sink.send(batch.slice(from..to)).await?;
         }
@@ -374,12 +374,10 @@ async fn ceiling(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let queue = queue.clone();
-        let db = db.clone();
+        let (queue, db, sql) = (queue.clone(), db.clone(), sql.clone());
         tasks.push(tokio::spawn(async move {
             let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
-            let sql = format!("COPY edge.readings ({READINGS_COLUMNS}) FROM STDIN (FORMAT binary)");
             loop {
                 let next = queue.lock().map_err(|_| anyhow!("poisoned"))?.pop();
                 let Some(batch) = next else { break };
@@ -611,6 +609,35 @@ struct Drain {
     peak_rss_mb: f64,
 }
 
+impl Drain {
+    fn readings_per_s(&self) -> f64 {
+        self.queued as f64 / self.secs.max(1e-9)
+    }
+
+    /// `cpu` seconds over the readings drained, in µs a reading.
+    fn us(&self, cpu: f64) -> f64 {
+        us_per_reading(cpu, self.queued)
+    }
+}
+
+/// `cpu` seconds over `readings`, in µs a reading.
+fn us_per_reading(cpu: f64, readings: u64) -> f64 {
+    cpu / readings.max(1) as f64 * 1e6
+}
+
+/// Rounded to three decimals, for the JSON line.
+fn milli(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Each run's readings/s, space-separated.
+fn joined(runs: &[f64]) -> String {
+    runs.iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `perf record` of the whole machine (every process, call graphs) into
 /// `file`, when one is given; stopped with SIGINT so it writes its file.
 fn profile(file: &Option<PathBuf>) -> Result<Option<Child>> {
@@ -627,7 +654,8 @@ fn profile(file: &Option<PathBuf>) -> Result<Option<Child>> {
 
 /// The backlog drained by a peer consumer instead of the gateway: a
 /// durable session for it, the backlog queued, then the peer started and
-/// timed to its exit. `gateway_cpu` holds the peer's CPU.
+/// timed to its exit. `gateway_cpu` holds the peer's CPU; its peak RSS is
+/// not measured.
 async fn peer_drain(
     o: &Options,
     peer: &str,
@@ -655,6 +683,10 @@ async fn peer_drain(
     );
     let (queued, _) = burst(o, broker.port(), "e2e-q-").await?;
     let db0 = db_cpu();
+    // The peer's CPU, once it has exited and been reaped, is in this
+    // process's children's time (its own children's with it).
+    let me = std::process::id();
+    let reaped0 = probe::reaped_cpu_secs(me);
     let started = Instant::now();
     let mut child = Command::new("sh")
         .args(["-c", peer])
@@ -667,14 +699,10 @@ async fn peer_drain(
         .spawn()
         .context("start the peer")?;
     eprintln!("e2e: peer drain: {peer} started ...");
-    let (mut cpu, mut peak) = (0.0, 0.0f64);
     let status = loop {
-        let pid = child.id();
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        cpu = probe::tree_cpu_secs(pid).max(cpu);
-        peak = peak.max(probe::process(pid).map_or(0.0, |f| f.peak_rss_kib as f64 / 1024.0));
         if started.elapsed() > Duration::from_secs(1800) {
             let _ = child.kill();
             bail!("the peer did not finish within 30 minutes");
@@ -688,10 +716,10 @@ async fn peer_drain(
     Ok(Drain {
         queued,
         secs,
-        gateway_cpu: cpu,
+        gateway_cpu: probe::reaped_cpu_secs(me) - reaped0,
         db_cpu: db_cpu() - db0,
         broker_cpu: 0.0,
-        peak_rss_mb: peak,
+        peak_rss_mb: 0.0,
     })
 }
 
@@ -1070,6 +1098,7 @@ async fn run(o: Options) -> Result<()> {
     }
     let ceiling_rate = ceiling_runs.iter().copied().fold(0.0, f64::max);
     let single_rate = single_runs.iter().copied().fold(0.0, f64::max);
+    let single_db_us = us_per_reading(single_db_cpu, o.total_readings());
 
     if let Some(peer) = &o.peer {
         let drain = peer_drain(&o, peer, &broker, &pg.url(), &db_cpu).await?;
@@ -1080,17 +1109,15 @@ async fn run(o: Options) -> Result<()> {
         if stored as u64 != drain.queued {
             bail!("the peer stored {stored} readings of {}", drain.queued);
         }
-        let rate = drain.queued as f64 / drain.secs;
-        let per = |cpu: f64| cpu / drain.queued as f64 * 1e6;
-        let single_db_us = single_db_cpu / o.total_readings() as f64 * 1e6;
+        let rate = drain.readings_per_s();
         println!(
             "\npeer consumer ({peer}), {} readings queued, {indexes} index(es)\n  \
              drain (r/s) {rate:.0}   one raw COPY (r/s) {single_rate:.0}   ratio {:.3}\n  \
              CPU us/reading: peer {:.3}, database {:.3} (raw COPY {single_db_us:.3})",
             drain.queued,
             rate / single_rate,
-            per(drain.gateway_cpu),
-            per(drain.db_cpu),
+            drain.us(drain.gateway_cpu),
+            drain.us(drain.db_cpu),
         );
         let json = serde_json::json!({
             "peer": peer,
@@ -1099,10 +1126,10 @@ async fn run(o: Options) -> Result<()> {
             "drain_readings": drain.queued,
             "drain_readings_per_s": rate.round(),
             "single_copy_readings_per_s": single_rate.round(),
-            "drain_ratio": (rate / single_rate * 1000.0).round() / 1000.0,
-            "drain_peer_cpu_us": (per(drain.gateway_cpu) * 1000.0).round() / 1000.0,
-            "drain_db_cpu_us": (per(drain.db_cpu) * 1000.0).round() / 1000.0,
-            "single_copy_db_cpu_us": (single_db_us * 1000.0).round() / 1000.0,
+            "drain_ratio": milli(rate / single_rate),
+            "drain_peer_cpu_us": milli(drain.us(drain.gateway_cpu)),
+            "drain_db_cpu_us": milli(drain.us(drain.db_cpu)),
+            "single_copy_db_cpu_us": milli(single_db_us),
         });
         println!("{json}");
         return Ok(());
@@ -1200,21 +1227,14 @@ async fn run(o: Options) -> Result<()> {
     drop(pg);
 
     let ratio = rate / ceiling_rate;
-    let cpu_us = burst_cpu / total as f64 * 1e6;
+    let cpu_us = us_per_reading(burst_cpu, total);
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
     let mut rows: Vec<(&str, String)> = vec![
         (
             "raw COPY ceiling, best of 2 (readings/s)",
             format!("{ceiling_rate:.0}"),
         ),
-        (
-            "  each run",
-            ceiling_runs
-                .iter()
-                .map(|r| format!("{r:.0}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-        ),
+        ("  each run", joined(&ceiling_runs)),
         (
             "gateway, first publish to last commit (r/s)",
             format!("{rate:.0}"),
@@ -1248,15 +1268,13 @@ async fn run(o: Options) -> Result<()> {
         ("gateway CPU, whole run (s)", format!("{total_cpu:.2}")),
         ("readings stored = published", expected.to_string()),
     ];
-    let total_db_cpu_us = |cpu: f64| cpu / drain.queued.max(1) as f64 * 1e6;
-    let drain_rate = drain.queued as f64 / drain.secs.max(1e-9);
+    let drain_rate = drain.readings_per_s();
     let drain_ratio = drain_rate / single_rate;
     let (drain_gw_us, drain_db_us, drain_broker_us) = (
-        total_db_cpu_us(drain.gateway_cpu),
-        total_db_cpu_us(drain.db_cpu),
-        total_db_cpu_us(drain.broker_cpu),
+        drain.us(drain.gateway_cpu),
+        drain.us(drain.db_cpu),
+        drain.us(drain.broker_cpu),
     );
-    let single_db_us = single_db_cpu / o.total_readings() as f64 * 1e6;
     if o.drain {
         rows.splice(
             0..0,
@@ -1265,14 +1283,7 @@ async fn run(o: Options) -> Result<()> {
                     "one raw COPY of every row, best of 2 (r/s)",
                     format!("{single_rate:.0}"),
                 ),
-                (
-                    "  each run",
-                    single_runs
-                        .iter()
-                        .map(|r| format!("{r:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                ),
+                ("  each run", joined(&single_runs)),
                 (
                     "drain: gateway start to last commit (r/s)",
                     format!("{drain_rate:.0}"),
@@ -1331,11 +1342,11 @@ async fn run(o: Options) -> Result<()> {
         "drain_readings_per_s": drain_rate.round(),
         "single_copy_readings_per_s": single_rate.round(),
         "single_copy_runs": single_runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
-        "drain_ratio": (drain_ratio * 1000.0).round() / 1000.0,
-        "drain_gateway_cpu_us": (drain_gw_us * 1000.0).round() / 1000.0,
-        "drain_db_cpu_us": (drain_db_us * 1000.0).round() / 1000.0,
-        "single_copy_db_cpu_us": (single_db_us * 1000.0).round() / 1000.0,
-        "drain_broker_cpu_us": (drain_broker_us * 1000.0).round() / 1000.0,
+        "drain_ratio": milli(drain_ratio),
+        "drain_gateway_cpu_us": milli(drain_gw_us),
+        "drain_db_cpu_us": milli(drain_db_us),
+        "single_copy_db_cpu_us": milli(single_db_us),
+        "drain_broker_cpu_us": milli(drain_broker_us),
         "drain_peak_rss_mb": (drain.peak_rss_mb * 10.0).round() / 10.0,
         "citus_workers": o.citus,
         "devices": o.devices,
@@ -1346,7 +1357,7 @@ async fn run(o: Options) -> Result<()> {
         "readings_per_s": rate.round(),
         "ceiling_readings_per_s": ceiling_rate.round(),
         "ceiling_runs": ceiling_runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
-        "ratio": (ratio * 1000.0).round() / 1000.0,
+        "ratio": milli(ratio),
         "p50_ms": p50.map(|v| (v * 10.0).round() / 10.0),
         "p99_ms": p99.map(|v| (v * 10.0).round() / 10.0),
         "paced_readings_per_s": paced_achieved.round(),
@@ -1355,7 +1366,7 @@ async fn run(o: Options) -> Result<()> {
         "analytics_bytes_per_series": per_series.round(),
         "analytics_held_bytes_per_series": held_per_series.round(),
         "burst_cpu_s": (burst_cpu * 100.0).round() / 100.0,
-        "cpu_us_per_reading": (cpu_us * 1000.0).round() / 1000.0,
+        "cpu_us_per_reading": milli(cpu_us),
         "machine_busy_pct": machine_busy.round(),
         "soak_rate": soak.rate.round(),
         "soak_published_per_s": soak.published_per_s.round(),

@@ -47,6 +47,57 @@ pub enum Item<'a> {
     Break,
 }
 
+impl Item<'_> {
+    /// The value of an integer or a float.
+    pub fn number(&self) -> Option<f64> {
+        match *self {
+            Item::Uint(v) => Some(v as f64),
+            Item::Nint(v) => Some(-1.0 - v as f64),
+            Item::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// The entries of an array or a map whose header was just read: counts
+/// down a definite length, or reads up to the break of an indefinite one.
+/// For a map, an entry is a pair: [`next`](Self::next) reads its key and
+/// the caller its value.
+#[derive(Debug, Clone, Copy)]
+pub struct Entries {
+    /// Entries left of a definite length; `None` until a break.
+    left: Option<u64>,
+}
+
+impl Entries {
+    /// For the count an [`Item::Array`] or [`Item::Map`] header gave.
+    pub fn new(count: Option<u64>) -> Entries {
+        Entries { left: count }
+    }
+
+    /// The first item of the next entry, `None` at the end. With
+    /// `untagged`, tags in front of it are skipped ([`Reader::untagged`]).
+    ///
+    /// # Errors
+    /// As for [`Reader::item`].
+    pub fn next<'a>(
+        &mut self,
+        r: &mut Reader<'a>,
+        untagged: bool,
+    ) -> Result<Option<Item<'a>>, CborError> {
+        match &mut self.left {
+            Some(0) => return Ok(None),
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        let item = if untagged { r.untagged()? } else { r.item()? };
+        Ok(match item {
+            Item::Break if self.left.is_none() => None,
+            item => Some(item),
+        })
+    }
+}
+
 /// A pull reader over one payload.
 #[derive(Debug, Clone)]
 pub struct Reader<'a> {
@@ -396,6 +447,37 @@ mod tests {
         ] {
             assert!(items(bytes).is_err(), "{bytes:02x?}");
         }
+    }
+
+    #[test]
+    fn entries_end_at_their_length_or_their_break() {
+        // [1, 2] then 9; [_ 1, 2] then 9; {_ 1: 2} then 9.
+        for bytes in [
+            &[0x82, 0x01, 0x02, 0x09][..],
+            &[0x9f, 0x01, 0x02, 0xff, 0x09],
+        ] {
+            let mut r = Reader::new(bytes);
+            let Ok(Item::Array(count)) = r.item() else {
+                panic!("{bytes:02x?}")
+            };
+            let mut entries = Entries::new(count);
+            let mut got = Vec::new();
+            while let Some(item) = entries.next(&mut r, true).unwrap() {
+                got.push(item.number());
+            }
+            assert_eq!(got, [Some(1.0), Some(2.0)]);
+            assert_eq!(r.item(), Ok(Item::Uint(9)));
+        }
+        let mut r = Reader::new(&[0xbf, 0x01, 0x02, 0xff]);
+        let Ok(Item::Map(None)) = r.item() else {
+            panic!("a map")
+        };
+        let mut entries = Entries::new(None);
+        assert_eq!(entries.next(&mut r, false), Ok(Some(Item::Uint(1))));
+        assert_eq!(r.item(), Ok(Item::Uint(2)));
+        assert_eq!(entries.next(&mut r, false), Ok(None));
+        assert_eq!(Item::Nint(4).number(), Some(-5.0));
+        assert_eq!(Item::Null.number(), None);
     }
 
     #[test]

@@ -181,6 +181,12 @@ pub enum DecodeError {
     DecodedTooLarge { limit: usize },
 }
 
+impl From<cbor::CborError> for DecodeError {
+    fn from(e: cbor::CborError) -> DecodeError {
+        DecodeError::Cbor(e.to_string())
+    }
+}
+
 impl DecodeError {
     /// A short, stable label for counters and the dead-letter table.
     pub fn reason(&self) -> DeadLetterReason {

@@ -3,7 +3,7 @@
 
 use edge_payload::native::{Metrics, NativeMessage};
 
-use super::cbor::{CborError, Item, Reader};
+use super::cbor::{Entries, Item, Reader};
 use super::{account, check_text, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
@@ -71,24 +71,15 @@ pub fn decode_cbor(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError>
         limits,
     };
     let mut message = Top::default();
-    let count = match r.untagged().map_err(cbor)? {
-        Item::Map(count) => count,
+    let mut fields = match r.untagged()? {
+        Item::Map(count) => Entries::new(count),
         _ => return Err(DecodeError::Cbor("a native message must be a map".into())),
     };
-    let mut pairs = 0u64;
-    loop {
-        if count.is_some_and(|n| pairs == n) {
-            break;
-        }
-        pairs += 1;
-        let key = match r.untagged().map_err(cbor)? {
-            Item::Break if count.is_none() => break,
-            Item::Text(key) => key,
-            _ => {
-                return Err(DecodeError::Cbor(
-                    "a native key must be a text string".into(),
-                ))
-            }
+    while let Some(key) = fields.next(&mut r, true)? {
+        let Item::Text(key) = key else {
+            return Err(DecodeError::Cbor(
+                "a native key must be a text string".into(),
+            ));
         };
         let duplicate = || DecodeError::Cbor(format!("duplicate field {key:?}"));
         match key.as_ref() {
@@ -115,7 +106,7 @@ pub fn decode_cbor(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError>
                 if message.m.replace(r.clone()).is_some() {
                     return Err(duplicate());
                 }
-                r.skip().map_err(cbor)?;
+                r.skip()?;
             }
             "samples" => {
                 if message.samples {
@@ -167,12 +158,8 @@ struct Top<'a> {
     samples: bool,
 }
 
-fn cbor(e: CborError) -> DecodeError {
-    DecodeError::Cbor(e.to_string())
-}
-
 fn unsigned(r: &mut Reader<'_>, name: &str) -> Result<u64, DecodeError> {
-    match r.untagged().map_err(cbor)? {
+    match r.untagged()? {
         Item::Uint(v) => Ok(v),
         _ => Err(DecodeError::Cbor(format!(
             "{name} must be an unsigned integer"
@@ -181,7 +168,7 @@ fn unsigned(r: &mut Reader<'_>, name: &str) -> Result<u64, DecodeError> {
 }
 
 fn timestamp(r: &mut Reader<'_>) -> Result<i64, DecodeError> {
-    match r.untagged().map_err(cbor)? {
+    match r.untagged()? {
         Item::Uint(v) if v <= i64::MAX as u64 => Ok(v as i64),
         Item::Nint(v) if v <= i64::MAX as u64 => Ok(-1 - v as i64),
         _ => Err(DecodeError::Cbor("ts must be an integer (i64)".into())),
@@ -190,7 +177,7 @@ fn timestamp(r: &mut Reader<'_>) -> Result<i64, DecodeError> {
 
 /// The "samples" array: each a map of "ts" and "m".
 fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
-    let count = match r.untagged().map_err(cbor)? {
+    let count = match r.untagged()? {
         Item::Array(count) => count,
         _ => return Err(DecodeError::Cbor("samples must be an array".into())),
     };
@@ -198,30 +185,19 @@ fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
         out.readings
             .reserve((n as usize).min(out.limits.max_records).min(4096));
     }
-    let mut i = 0u64;
-    loop {
-        if count.is_some_and(|n| i == n) {
-            return Ok(());
-        }
-        i += 1;
-        let pairs = match r.untagged().map_err(cbor)? {
-            Item::Break if count.is_none() => return Ok(()),
-            Item::Map(pairs) => pairs,
-            _ => return Err(DecodeError::Cbor("a sample must be a map".into())),
+    let mut samples = Entries::new(count);
+    while let Some(sample) = samples.next(r, true)? {
+        let Item::Map(pairs) = sample else {
+            return Err(DecodeError::Cbor("a sample must be a map".into()));
         };
         let (mut ts, mut m) = (None, None);
-        let mut seen = 0u64;
-        loop {
-            if pairs.is_some_and(|n| seen == n) {
-                break;
-            }
-            seen += 1;
-            match r.untagged().map_err(cbor)? {
-                Item::Break if pairs.is_none() => break,
+        let mut fields = Entries::new(pairs);
+        while let Some(key) = fields.next(r, true)? {
+            match key {
                 Item::Text(key) if key == "ts" && ts.is_none() => ts = Some(timestamp(r)?),
                 Item::Text(key) if key == "m" && m.is_none() => {
                     m = Some(r.clone());
-                    r.skip().map_err(cbor)?;
+                    r.skip()?;
                 }
                 Item::Text(key) => {
                     return Err(DecodeError::Cbor(format!(
@@ -240,42 +216,29 @@ fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
             _ => return Err(DecodeError::Cbor("a sample needs \"ts\" and \"m\"".into())),
         }
     }
+    Ok(())
 }
 
 /// An "m" map of metric names to numbers, at `ts_ms`.
 fn metrics(r: &mut Reader<'_>, ts_ms: i64, out: &mut Readings) -> Result<(), DecodeError> {
     let time: Micros = ts_ms.checked_mul(1000).ok_or(DecodeError::TimeOutOfRange)?;
-    let count = match r.untagged().map_err(cbor)? {
-        Item::Map(count) => count,
+    let mut pairs = match r.untagged()? {
+        Item::Map(count) => Entries::new(count),
         _ => return Err(DecodeError::Cbor("m must be a map".into())),
     };
-    let mut seen = 0u64;
-    loop {
-        if count.is_some_and(|n| seen == n) {
-            return Ok(());
-        }
-        seen += 1;
-        let name = match r.untagged().map_err(cbor)? {
-            Item::Break if count.is_none() => return Ok(()),
-            Item::Text(name) => name,
-            _ => {
-                return Err(DecodeError::Cbor(
-                    "a metric name must be a text string".into(),
-                ))
-            }
+    while let Some(name) = pairs.next(r, true)? {
+        let Item::Text(name) = name else {
+            return Err(DecodeError::Cbor(
+                "a metric name must be a text string".into(),
+            ));
         };
-        let value = match r.untagged().map_err(cbor)? {
-            Item::Uint(v) => v as f64,
-            Item::Nint(v) => -1.0 - v as f64,
-            Item::Float(f) => f,
-            _ => {
-                return Err(DecodeError::Cbor(format!(
-                    "metric {name:?} must be a number"
-                )))
-            }
-        };
+        let value = r
+            .untagged()?
+            .number()
+            .ok_or_else(|| DecodeError::Cbor(format!("metric {name:?} must be a number")))?;
         out.push(time, &name, value)?;
     }
+    Ok(())
 }
 
 /// Readings being collected, with their size so far.

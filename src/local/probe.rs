@@ -108,27 +108,30 @@ pub fn process(pid: u32) -> Option<ProcessFigures> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses;
-    // utime and stime are fields 14 and 15 of the line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let (_, _, own, _) = stat_ticks(pid)?;
     Some(ProcessFigures {
         rss_kib: kib("VmRSS:"),
         peak_rss_kib: kib("VmHWM:"),
-        cpu_secs: (ticks(11) + ticks(12)) / clock_ticks(),
+        cpu_secs: own / clock_ticks(),
     })
 }
 
+/// CPU seconds of the children `pid` has reaped so far (with theirs): what
+/// a finished child process cost, read from its parent.
+pub fn reaped_cpu_secs(pid: u32) -> f64 {
+    stat_ticks(pid).map_or(0.0, |(_, _, _, reaped)| reaped) / clock_ticks()
+}
+
+/// [`parse_stat`] of `/proc/<pid>/stat`.
+fn stat_ticks(pid: u32) -> Option<(u32, u32, f64, f64)> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 /// The `(pid, ppid, own CPU ticks, reaped children's CPU ticks)` of a
-/// `/proc/<pid>/stat` line.
-fn stat_ticks(stat: &str) -> Option<(u32, u32, f64, f64)> {
+/// `/proc/<pid>/stat` line: the fields after the command name (which may
+/// hold spaces) in parentheses; utime, stime, cutime and cstime are fields
+/// 14 to 17 of the line.
+fn parse_stat(stat: &str) -> Option<(u32, u32, f64, f64)> {
     let (head, rest) = stat.rsplit_once(')')?;
     let pid = head.split_whitespace().next()?.parse().ok()?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -147,7 +150,7 @@ pub fn tree_cpu_secs(root: u32) -> f64 {
             let path = entry.path().join("stat");
             if let Some(t) = std::fs::read_to_string(path)
                 .ok()
-                .and_then(|s| stat_ticks(&s))
+                .and_then(|s| parse_stat(&s))
             {
                 all.push(t);
             }

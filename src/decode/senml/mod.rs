@@ -67,6 +67,11 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b':' | b'.' | b'/' | b'_'))
 }
 
+/// Record `i` breaks an RFC 8428 rule: `what`.
+pub(super) fn record_error(i: usize, what: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Senml(format!("record {i}: {what}"))
+}
+
 /// One record's fields as sent, borrowed from the payload where the
 /// encoding allows (the streaming CBOR reader), or from a parsed
 /// [`Record`] (JSON).
@@ -170,7 +175,7 @@ impl<'a, 'l> Resolver<'a, 'l> {
     /// [`DecodeError::Senml`] naming the record and the rule it breaks; the
     /// size and text errors of [`Limits`].
     pub fn push(&mut self, i: usize, r: RecordRef<'a>) -> Result<(), DecodeError> {
-        let fail = |what: String| Err(DecodeError::Senml(format!("record {i}: {what}")));
+        let fail = |what: String| Err(record_error(i, what));
         if let Some(v) = r.bver {
             if v > VERSION {
                 return fail(format!("version {v} is newer than {VERSION}"));

@@ -8,47 +8,35 @@ use edge_payload::base64url;
 use edge_payload::senml::label;
 
 use super::visitor::{key_from_str, Key};
-use super::{RecordRef, Resolver};
-use crate::decode::cbor::{CborError, Item, Reader};
+use super::{record_error, RecordRef, Resolver};
+use crate::decode::cbor::{Entries, Item, Reader};
 use crate::decode::{DecodeError, Limits};
 use crate::model::{Decoded, Micros};
 
 /// Decodes and resolves a CBOR pack in one pass over the payload, with the
 /// streaming reader: the same result and error classes as parsing with
-/// `ciborium` ([`parse`]) and then [`resolve`], without building a record
-/// or a string that is not a reading's own.
+/// `ciborium` ([`super::parse`]) and then [`super::resolve`], without
+/// building a record or a string that is not a reading's own.
 ///
 /// # Errors
 /// [`DecodeError::Cbor`] for malformed CBOR and for labels of the wrong
 /// type, [`DecodeError::TooManyRecords`], and the errors of [`Resolver::push`].
 pub fn decode_cbor(body: &[u8], received: Micros, limits: &Limits) -> Result<Decoded, DecodeError> {
     let mut r = Reader::new(body);
-    let cbor = |e: CborError| DecodeError::Cbor(e.to_string());
-    let count = match r.untagged().map_err(cbor)? {
+    let count = match r.untagged()? {
         Item::Array(count) => count,
         _ => return Err(DecodeError::Cbor("a SenML pack must be an array".into())),
     };
-    let hint = count.map_or(8, |n| n as usize);
-    let mut resolver = Resolver::new(received, limits, hint);
+    let mut resolver = Resolver::new(received, limits, count.map_or(8, |n| n as usize));
+    let mut records = Entries::new(count);
     let mut i = 0usize;
-    loop {
-        if count.is_some_and(|n| i as u64 == n) {
-            break;
-        }
-        let item = r.untagged().map_err(cbor)?;
-        if count.is_none() && item == Item::Break {
-            break;
-        }
+    while let Some(item) = records.next(&mut r, true)? {
         if i == limits.max_records {
             return Err(DecodeError::TooManyRecords {
                 limit: limits.max_records,
             });
         }
-        let record = cbor_record(&mut r, item, i).map_err(|e| match e {
-            FieldError::Cbor(e) => cbor(e),
-            FieldError::Decode(e) => e,
-        })?;
-        resolver.push(i, record)?;
+        resolver.push(i, cbor_record(&mut r, item, i)?)?;
         i += 1;
     }
     if r.remaining() > 0 {
@@ -60,22 +48,8 @@ pub fn decode_cbor(body: &[u8], received: Micros, limits: &Limits) -> Result<Dec
     Ok(resolver.finish())
 }
 
-/// Why one record could not be read.
-enum FieldError {
-    Cbor(CborError),
-    Decode(DecodeError),
-}
-
-impl From<CborError> for FieldError {
-    fn from(e: CborError) -> FieldError {
-        FieldError::Cbor(e)
-    }
-}
-
-fn type_error(i: usize, label: &str, expected: &str) -> FieldError {
-    FieldError::Decode(DecodeError::Cbor(format!(
-        "record {i}: {label} must be {expected}"
-    )))
+fn type_error(i: usize, label: &str, expected: &str) -> DecodeError {
+    DecodeError::Cbor(format!("record {i}: {label} must be {expected}"))
 }
 
 /// Reads record `i`, whose header `item` was just read.
@@ -83,20 +57,15 @@ fn cbor_record<'a>(
     r: &mut Reader<'a>,
     item: Item<'a>,
     i: usize,
-) -> Result<RecordRef<'a>, FieldError> {
+) -> Result<RecordRef<'a>, DecodeError> {
     let count = match item {
         Item::Map(count) => count,
         _ => return Err(type_error(i, "a record", "a map")),
     };
     let mut rec = RecordRef::default();
-    let mut pairs = 0u64;
-    loop {
-        if count.is_some_and(|n| pairs == n) {
-            break;
-        }
-        pairs += 1;
-        let label = match r.item()? {
-            Item::Break if count.is_none() => break,
+    let mut pairs = Entries::new(count);
+    while let Some(key) = pairs.next(r, false)? {
+        let label = match key {
             Item::Uint(v) if v <= 8 => v as i64,
             Item::Nint(v) if v < 6 => -1 - v as i64,
             Item::Uint(_) | Item::Nint(_) => {
@@ -110,9 +79,10 @@ fn cbor_record<'a>(
                     continue;
                 }
                 Key::MustUnderstand(name) => {
-                    return Err(FieldError::Decode(DecodeError::Senml(format!(
-                        "record {i}: unknown must-understand label {name:?}"
-                    ))))
+                    return Err(record_error(
+                        i,
+                        format_args!("unknown must-understand label {name:?}"),
+                    ))
                 }
             },
             _ => return Err(type_error(i, "a label", "an integer or a text string")),
@@ -120,10 +90,10 @@ fn cbor_record<'a>(
         macro_rules! set {
             ($field:ident, $value:expr) => {{
                 if rec.$field.is_some() {
-                    return Err(FieldError::Decode(DecodeError::Senml(format!(
-                        concat!("record {}: duplicate label ", stringify!($field)),
-                        i
-                    ))));
+                    return Err(record_error(
+                        i,
+                        concat!("duplicate label ", stringify!($field)),
+                    ));
                 }
                 rec.$field = Some($value);
             }};
@@ -164,11 +134,10 @@ fn cbor_record<'a>(
                 vd,
                 match r.item()? {
                     Item::Bytes(b) => b,
-                    Item::Text(s) => Cow::Owned(base64url::decode(&s).ok_or_else(|| {
-                        FieldError::Decode(DecodeError::Senml(format!(
-                            "record {i}: vd is not base64url"
-                        )))
-                    })?),
+                    Item::Text(s) => Cow::Owned(
+                        base64url::decode(&s)
+                            .ok_or_else(|| record_error(i, "vd is not base64url"))?,
+                    ),
                     _ => return Err(type_error(i, "vd", "a byte string")),
                 }
             ),
@@ -180,28 +149,24 @@ fn cbor_record<'a>(
 
 /// A number: an integer (bignums included) or a float. Values carry no
 /// other tag (as with `ciborium`, which the tests compare against).
-fn cbor_number(r: &mut Reader<'_>, i: usize, name: &str) -> Result<f64, FieldError> {
-    let mut bignum = None;
-    loop {
-        return match r.item()? {
-            Item::Tag(tag @ (2 | 3)) if bignum.is_none() => {
-                bignum = Some(tag == 3);
-                continue;
-            }
-            Item::Bytes(b) if bignum.is_some() => {
-                let magnitude = b
-                    .iter()
-                    .fold(0.0, |acc, &byte| acc * 256.0 + f64::from(byte));
-                Ok(if bignum == Some(true) {
-                    -1.0 - magnitude
-                } else {
-                    magnitude
-                })
-            }
-            Item::Uint(v) if bignum.is_none() => Ok(v as f64),
-            Item::Nint(v) if bignum.is_none() => Ok(-1.0 - v as f64),
-            Item::Float(f) if bignum.is_none() => Ok(f),
-            _ => Err(type_error(i, name, "a number")),
-        };
+fn cbor_number(r: &mut Reader<'_>, i: usize, name: &str) -> Result<f64, DecodeError> {
+    let item = r.item()?;
+    let negative = match item {
+        Item::Tag(2) => false,
+        Item::Tag(3) => true,
+        item => return item.number().ok_or_else(|| type_error(i, name, "a number")),
+    };
+    match r.item()? {
+        Item::Bytes(b) => {
+            let magnitude = b
+                .iter()
+                .fold(0.0, |acc, &byte| acc * 256.0 + f64::from(byte));
+            Ok(if negative {
+                -1.0 - magnitude
+            } else {
+                magnitude
+            })
+        }
+        _ => Err(type_error(i, name, "a number")),
     }
 }
