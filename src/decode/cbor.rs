@@ -96,7 +96,30 @@ impl Entries {
             item => Some(item),
         })
     }
+
+    /// Whether another entry follows; at the break of an indefinite
+    /// length, reads it. The caller then reads the entry itself, on a fast
+    /// path ([`Reader::small_int`], ...) or with [`Reader::item`]: the same
+    /// walk as [`next`](Self::next) without building an [`Item`] first.
+    #[inline]
+    pub fn more(&mut self, r: &mut Reader<'_>) -> bool {
+        match &mut self.left {
+            Some(0) => false,
+            Some(n) => {
+                *n -= 1;
+                true
+            }
+            None if r.peek() == Some(BREAK) => {
+                r.pos += 1;
+                false
+            }
+            None => true,
+        }
+    }
 }
+
+/// The initial byte of a break.
+const BREAK: u8 = 0xff;
 
 /// A pull reader over one payload.
 #[derive(Debug, Clone)]
@@ -120,6 +143,92 @@ impl<'a> Reader<'a> {
     /// The offset of the next byte.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// The next byte, not consumed.
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
+    /// The fast paths below read the shapes devices send (short text,
+    /// plain numbers, small labels) straight from the bytes, and leave
+    /// anything else unread (`None`) for [`item`](Self::item) or
+    /// [`untagged`](Self::untagged), which also give the errors. They read
+    /// exactly what `item` would: the differential tests hold them to it.
+    ///
+    /// An integer of one byte (0..=23 or -24..=-1).
+    #[inline]
+    pub fn small_int(&mut self) -> Option<i64> {
+        let b = self.peek()?;
+        let v = match b {
+            0x00..=0x17 => i64::from(b),
+            0x20..=0x37 => -1 - i64::from(b - 0x20),
+            _ => return None,
+        };
+        self.pos += 1;
+        Some(v)
+    }
+
+    /// The header of a map of fewer than 24 pairs, its count.
+    #[inline]
+    pub fn small_map(&mut self) -> Option<u64> {
+        let b = self.peek()?;
+        let n = match b {
+            0xa0..=0xb7 => u64::from(b - 0xa0),
+            _ => return None,
+        };
+        if 2 * n > (self.remaining() - 1) as u64 {
+            return None;
+        }
+        self.pos += 1;
+        Some(n)
+    }
+
+    /// A definite text string shorter than 256 bytes, valid UTF-8.
+    #[inline]
+    pub fn short_text(&mut self) -> Option<&'a str> {
+        let b = self.peek()?;
+        let (start, len) = match b {
+            0x60..=0x77 => (self.pos + 1, usize::from(b - 0x60)),
+            0x78 => (self.pos + 2, usize::from(*self.buf.get(self.pos + 1)?)),
+            _ => return None,
+        };
+        let s = std::str::from_utf8(self.buf.get(start..start + len)?).ok()?;
+        self.pos = start + len;
+        Some(s)
+    }
+
+    /// An untagged integer or float, as [`Item::number`] gives it.
+    #[inline]
+    pub fn plain_number(&mut self) -> Option<f64> {
+        let b = self.peek()?;
+        let rest = &self.buf[self.pos + 1..];
+        let (major, info) = (b >> 5, b & 0x1f);
+        let (arg, n) = match info {
+            0..=23 => (u64::from(info), 0),
+            24 => (u64::from(*rest.first()?), 1),
+            25 => (
+                u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+                2,
+            ),
+            26 => (
+                u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+                4,
+            ),
+            27 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 8),
+            _ => return None,
+        };
+        let v = match (major, info) {
+            (0, _) => arg as f64,
+            (1, _) => -1.0 - arg as f64,
+            (7, 25) => half(arg as u16),
+            (7, 26) => f64::from(f32::from_bits(arg as u32)),
+            (7, 27) => f64::from_bits(arg),
+            _ => return None,
+        };
+        self.pos += 1 + n;
+        Some(v)
     }
 
     fn error<T>(&self, what: &'static str) -> Result<T, CborError> {
@@ -346,15 +455,19 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// An IEEE 754 half-precision float.
+/// An IEEE 754 half-precision float. A normal half is rebuilt as the
+/// double of the same value bit by bit (exponent rebiased from 15 to 1023,
+/// mantissa widened from 10 to 52 bits): no `powi` call per value.
+#[inline]
 fn half(bits: u16) -> f64 {
-    let exponent = i32::from((bits >> 10) & 0x1f);
-    let mantissa = f64::from(bits & 0x3ff);
+    let exponent = u64::from((bits >> 10) & 0x1f);
+    let mantissa = u64::from(bits & 0x3ff);
     let magnitude = match exponent {
-        0 => mantissa * 2f64.powi(-24),
-        31 if mantissa == 0.0 => f64::INFINITY,
+        // Subnormal: mantissa x 2^-24.
+        0 => mantissa as f64 / 16_777_216.0,
+        31 if mantissa == 0 => f64::INFINITY,
         31 => f64::NAN,
-        _ => (mantissa + 1024.0) * 2f64.powi(exponent - 25),
+        _ => f64::from_bits(((exponent + 1023 - 15) << 52) | (mantissa << 42)),
     };
     if bits & 0x8000 != 0 {
         -magnitude
@@ -478,6 +591,82 @@ mod tests {
         assert_eq!(entries.next(&mut r, false), Ok(None));
         assert_eq!(Item::Nint(4).number(), Some(-5.0));
         assert_eq!(Item::Null.number(), None);
+    }
+
+    /// Every fast path reads what [`Reader::item`] reads, or leaves the
+    /// input untouched: tried on every initial byte, with tails that are
+    /// long, short, valid UTF-8 or not.
+    #[test]
+    fn fast_paths_read_what_item_reads() {
+        let tails: [&[u8]; 5] = [
+            &[],
+            &[0x02],
+            &[0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69],
+            &[0xff; 30],
+            &[0x03; 300],
+        ];
+        for b in 0..=255u8 {
+            for tail in tails {
+                let bytes = [&[b][..], tail].concat();
+                let mut reference = Reader::new(&bytes);
+                let expected = reference.item();
+                let after = reference.position();
+                let check = |got: Option<Item<'_>>, r: &Reader<'_>, what: &str| match got {
+                    Some(item) => {
+                        assert_eq!(Ok(item), expected.clone(), "{what} {bytes:02x?}");
+                        assert_eq!(r.position(), after, "{what} {bytes:02x?}");
+                    }
+                    None => assert_eq!(r.position(), 0, "{what} {bytes:02x?}"),
+                };
+                let mut r = Reader::new(&bytes);
+                let got = r.small_int().map(|v| match v {
+                    0.. => Item::Uint(v as u64),
+                    _ => Item::Nint((-1 - v) as u64),
+                });
+                check(got, &r, "small_int");
+                let mut r = Reader::new(&bytes);
+                let got = r.small_map().map(|n| Item::Map(Some(n)));
+                check(got, &r, "small_map");
+                let mut r = Reader::new(&bytes);
+                let got = r.short_text().map(|s| Item::Text(Cow::Borrowed(s)));
+                check(got, &r, "short_text");
+                let mut r = Reader::new(&bytes);
+                match r.plain_number() {
+                    Some(v) => {
+                        let want = expected.clone().ok().and_then(|i| i.number());
+                        assert_eq!(want.map(f64::to_bits), Some(v.to_bits()), "{bytes:02x?}");
+                        assert_eq!(r.position(), after, "plain_number {bytes:02x?}");
+                    }
+                    None => assert_eq!(r.position(), 0, "plain_number {bytes:02x?}"),
+                }
+            }
+        }
+    }
+
+    /// Every half float, against the value its definition gives
+    /// (RFC 8949 appendix D).
+    #[test]
+    fn half_floats_decode_exactly() {
+        for bits in 0..=u16::MAX {
+            let exponent = i32::from((bits >> 10) & 0x1f);
+            let mantissa = f64::from(bits & 0x3ff);
+            let magnitude = match exponent {
+                0 => mantissa * 2f64.powi(-24),
+                31 if mantissa == 0.0 => f64::INFINITY,
+                31 => f64::NAN,
+                _ => (mantissa + 1024.0) * 2f64.powi(exponent - 25),
+            };
+            let want = if bits & 0x8000 != 0 {
+                -magnitude
+            } else {
+                magnitude
+            };
+            let got = half(bits);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got} != {want}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Native payload decoding: `{"seq", "ts", "m"}` or `{"seq", "samples"}`, JSON
 //! or CBOR, into readings. See `edge_payload::native` for the format.
 
+use std::borrow::Cow;
+
 use edge_payload::native::{Metrics, NativeMessage};
 
 use super::cbor::{Entries, Item, Reader};
@@ -186,32 +188,51 @@ fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
             .reserve((n as usize).min(out.limits.max_records).min(4096));
     }
     let mut samples = Entries::new(count);
-    while let Some(sample) = samples.next(r, true)? {
-        let Item::Map(pairs) = sample else {
-            return Err(DecodeError::Cbor("a sample must be a map".into()));
+    while samples.more(r) {
+        let pairs = match r.small_map() {
+            Some(pairs) => Some(pairs),
+            None => match r.untagged()? {
+                Item::Map(pairs) => pairs,
+                _ => return Err(DecodeError::Cbor("a sample must be a map".into())),
+            },
         };
-        let (mut ts, mut m) = (None, None);
+        // "m" is read where it stands once "ts" is known (devices send "ts"
+        // first); before it, it is skipped and read at the end.
+        let (mut ts, mut m, mut m_read) = (None, None, false);
         let mut fields = Entries::new(pairs);
-        while let Some(key) = fields.next(r, true)? {
-            match key {
-                Item::Text(key) if key == "ts" && ts.is_none() => ts = Some(timestamp(r)?),
-                Item::Text(key) if key == "m" && m.is_none() => {
-                    m = Some(r.clone());
-                    r.skip()?;
-                }
-                Item::Text(key) => {
+        while fields.more(r) {
+            let key = match r.short_text() {
+                Some(key) => Cow::Borrowed(key),
+                None => match r.untagged()? {
+                    Item::Text(key) => key,
+                    _ => {
+                        return Err(DecodeError::Cbor(
+                            "a sample key must be a text string".into(),
+                        ))
+                    }
+                },
+            };
+            match (key.as_ref(), ts) {
+                ("ts", None) => ts = Some(timestamp(r)?),
+                ("m", _) if m.is_none() && !m_read => match ts {
+                    Some(ts) => {
+                        metrics(r, ts, out)?;
+                        m_read = true;
+                    }
+                    None => {
+                        m = Some(r.clone());
+                        r.skip()?;
+                    }
+                },
+                _ => {
                     return Err(DecodeError::Cbor(format!(
                         "unknown or duplicate sample field {key:?}"
                     )))
                 }
-                _ => {
-                    return Err(DecodeError::Cbor(
-                        "a sample key must be a text string".into(),
-                    ))
-                }
             }
         }
         match (ts, m) {
+            (Some(_), None) if m_read => {}
             (Some(ts), Some(mut m)) => metrics(&mut m, ts, out)?,
             _ => return Err(DecodeError::Cbor("a sample needs \"ts\" and \"m\"".into())),
         }
@@ -226,16 +247,25 @@ fn metrics(r: &mut Reader<'_>, ts_ms: i64, out: &mut Readings) -> Result<(), Dec
         Item::Map(count) => Entries::new(count),
         _ => return Err(DecodeError::Cbor("m must be a map".into())),
     };
-    while let Some(name) = pairs.next(r, true)? {
-        let Item::Text(name) = name else {
-            return Err(DecodeError::Cbor(
-                "a metric name must be a text string".into(),
-            ));
+    while pairs.more(r) {
+        let name = match r.short_text() {
+            Some(name) => Cow::Borrowed(name),
+            None => match r.untagged()? {
+                Item::Text(name) => name,
+                _ => {
+                    return Err(DecodeError::Cbor(
+                        "a metric name must be a text string".into(),
+                    ))
+                }
+            },
         };
-        let value = r
-            .untagged()?
-            .number()
-            .ok_or_else(|| DecodeError::Cbor(format!("metric {name:?} must be a number")))?;
+        let value = match r.plain_number() {
+            Some(value) => value,
+            None => r
+                .untagged()?
+                .number()
+                .ok_or_else(|| DecodeError::Cbor(format!("metric {name:?} must be a number")))?,
+        };
         out.push(time, &name, value)?;
     }
     Ok(())

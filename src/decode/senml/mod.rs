@@ -128,7 +128,7 @@ pub fn resolve(
 ) -> Result<Decoded, DecodeError> {
     let mut resolver = Resolver::new(received, limits, records.len());
     for (i, r) in records.iter().enumerate() {
-        resolver.push(i, RecordRef::from(r))?;
+        resolver.push(i, &mut RecordRef::from(r))?;
     }
     Ok(resolver.finish())
 }
@@ -174,7 +174,7 @@ impl<'a, 'l> Resolver<'a, 'l> {
     /// # Errors
     /// [`DecodeError::Senml`] naming the record and the rule it breaks; the
     /// size and text errors of [`Limits`].
-    pub fn push(&mut self, i: usize, r: RecordRef<'a>) -> Result<(), DecodeError> {
+    pub fn push(&mut self, i: usize, r: &mut RecordRef<'a>) -> Result<(), DecodeError> {
         let fail = |what: String| Err(record_error(i, what));
         if let Some(v) = r.bver {
             if v > VERSION {
@@ -185,13 +185,13 @@ impl<'a, 'l> Resolver<'a, 'l> {
             }
             self.version = Some(v);
         }
-        if let Some(name) = r.bn {
+        if let Some(name) = r.bn.take() {
             self.bn = name;
         }
         if let Some(t) = r.bt {
             self.bt = t;
         }
-        if let Some(unit) = r.bu {
+        if let Some(unit) = r.bu.take() {
             self.bu = Some(unit);
         }
         if let Some(v) = r.bv {
@@ -226,11 +226,11 @@ impl<'a, 'l> Resolver<'a, 'l> {
         }
         let value = if let Some(v) = r.v {
             Value::Number(self.bv + v)
-        } else if let Some(s) = r.vs {
+        } else if let Some(s) = r.vs.take() {
             Value::Text(s.into_owned())
         } else if let Some(b) = r.vb {
             Value::Bool(b)
-        } else if let Some(d) = r.vd {
+        } else if let Some(d) = r.vd.take() {
             Value::Data(d.into_owned())
         } else if r.s.is_some() {
             Value::None
