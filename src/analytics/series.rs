@@ -138,7 +138,7 @@ impl Minute {
         (m.count > 0).then(|| Rollup {
             bucket: t.div_euclid(MINUTE) * MINUTE,
             device: device.clone(),
-            metric: metric.to_string(),
+            metric: metric.into(),
             count: i64::from(m.count),
             min: m.min,
             max: m.max,

@@ -8,6 +8,7 @@
 //! array is a SenML pack, a map is a native message.
 
 pub mod cbor;
+mod names;
 pub mod native;
 pub mod senml;
 
@@ -119,7 +120,7 @@ impl Limits {
 pub fn decoded_size(r: &crate::model::Reading) -> usize {
     std::mem::size_of::<crate::model::Reading>()
         + r.metric.len()
-        + r.unit.as_ref().map_or(0, String::len)
+        + r.unit.as_ref().map_or(0, |u| u.len())
         + match &r.value {
             crate::model::Value::Text(s) => s.len(),
             crate::model::Value::Data(d) => d.len(),
@@ -348,7 +349,7 @@ pub fn decode_limited(
         } && reading.sum.is_none_or(f64::is_finite);
         if !finite {
             return Err(DecodeError::NotFinite {
-                metric: reading.metric.clone(),
+                metric: reading.metric.to_string(),
             });
         }
     }
@@ -428,7 +429,7 @@ mod tests {
                     .iter()
                     .flat_map(|s| s.metrics.iter().map(move |(m, v)| Reading {
                         time: s.ts_ms * 1000,
-                        metric: m.clone(),
+                        metric: m.as_str().into(),
                         value: Value::Number(*v),
                         unit: None,
                         sum: None,
@@ -525,8 +526,15 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         }
+        // Room for two readings, not three.
         let tight = Limits {
-            max_decoded_bytes: 300,
+            max_decoded_bytes: 2 * decoded_size(&crate::model::Reading {
+                time: 0,
+                metric: "a".into(),
+                value: crate::model::Value::Number(1.0),
+                unit: None,
+                sum: None,
+            }) + 1,
             ..Limits::default()
         };
         let three = br#"[{"n":"a","v":1},{"n":"a","v":2},{"n":"a","v":3}]"#;

@@ -2,10 +2,12 @@
 //! or CBOR, into readings. See `edge_payload::native` for the format.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use edge_payload::native::{Metrics, NativeMessage};
 
 use super::cbor::{Entries, Item, Reader};
+use super::names::Names;
 use super::{account, check_text, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
@@ -28,6 +30,7 @@ pub fn decode(body: &[u8], encoding: Encoding, limits: &Limits) -> Result<Decode
     }
     let mut out = Readings {
         readings: Vec::new(),
+        names: Names::default(),
         bytes: 0,
         limits,
     };
@@ -69,6 +72,7 @@ pub fn decode_cbor(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError>
     let mut r = Reader::new(body);
     let mut out = Readings {
         readings: Vec::new(),
+        names: Names::default(),
         bytes: 0,
         limits,
     };
@@ -274,6 +278,8 @@ fn metrics(r: &mut Reader<'_>, ts_ms: i64, out: &mut Readings) -> Result<(), Dec
 /// Readings being collected, with their size so far.
 struct Readings<'l> {
     readings: Vec<Reading>,
+    /// The metric names so far, shared among the readings.
+    names: Names,
     bytes: usize,
     limits: &'l Limits,
 }
@@ -298,13 +304,19 @@ impl Readings<'_> {
                 limit: self.limits.max_records,
             });
         }
-        if metric.is_empty() {
-            return Err(DecodeError::Native("empty metric name".into()));
-        }
-        check_text(Field::Metric, metric, self.limits.max_metric_bytes)?;
+        let metric = match self.names.find("", metric) {
+            Some(metric) => metric,
+            None => {
+                if metric.is_empty() {
+                    return Err(DecodeError::Native("empty metric name".into()));
+                }
+                check_text(Field::Metric, metric, self.limits.max_metric_bytes)?;
+                self.names.keep(Arc::from(metric))
+            }
+        };
         let reading = Reading {
             time,
-            metric: metric.to_string(),
+            metric,
             value: Value::Number(value),
             unit: None,
             sum: None,

@@ -42,9 +42,9 @@ pub enum Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     pub time: Micros,
-    pub metric: String,
+    pub metric: Arc<str>,
     pub value: Value,
-    pub unit: Option<String>,
+    pub unit: Option<Arc<str>>,
     /// SenML `s` (+ `bs`): the integral of the value over time.
     pub sum: Option<f64>,
 }
@@ -231,7 +231,7 @@ pub fn format_rfc3339(t: Micros) -> String {
 pub struct Rollup {
     pub bucket: Micros,
     pub device: Arc<str>,
-    pub metric: String,
+    pub metric: Arc<str>,
     pub count: i64,
     pub min: f64,
     pub max: f64,

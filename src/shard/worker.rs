@@ -306,7 +306,7 @@ impl Worker {
         if let Some(analytics) = &self.analytics {
             // Every metric name counts (only numeric ones make series, but
             // the bound is on what one device can name).
-            let names = decoded.readings.iter().map(|r| r.metric.as_str());
+            let names = decoded.readings.iter().map(|r| &*r.metric);
             if !analytics.admits(&device, names) {
                 let error = format!(
                     "the device would pass {} series (limits.max_series_per_device)",

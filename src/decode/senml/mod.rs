@@ -25,12 +25,14 @@ mod stream;
 mod visitor;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use edge_payload::senml::Record;
 
 pub use stream::decode_cbor;
 pub use visitor::parse;
 
+use super::names::Names;
 use super::{account, check_text, seconds_to_micros, DecodeError, Encoding, Field, Limits};
 use crate::model::{Decoded, Micros, Reading, Value};
 
@@ -144,6 +146,9 @@ pub struct Resolver<'a, 'l> {
     bs: Option<f64>,
     version: Option<u64>,
     readings: Vec<Reading>,
+    /// Full names and units of the readings so far, shared among them.
+    names: Names,
+    units: Names,
     relative_time: bool,
     decoded_bytes: usize,
     received: Micros,
@@ -162,6 +167,8 @@ impl<'a, 'l> Resolver<'a, 'l> {
             bs: None,
             version: None,
             readings: Vec::with_capacity(hint.min(4096).min(limits.max_records)),
+            names: Names::default(),
+            units: Names::default(),
             relative_time: false,
             decoded_bytes: 0,
             received,
@@ -249,16 +256,28 @@ impl<'a, 'l> Resolver<'a, 'l> {
                 limit: limits.max_metric_bytes,
             });
         }
-        let unit = r.u.as_deref().or(self.bu.as_deref());
-        if let Some(unit) = unit {
-            check_text(Field::Unit, unit, limits.max_unit_bytes)?;
-        }
-        let mut name = String::with_capacity(name_len);
-        name.push_str(&self.bn);
-        name.push_str(own);
-        if !valid_name(&name) {
-            return fail(format!("invalid name {name:?}"));
-        }
+        let unit = match r.u.as_deref().or(self.bu.as_deref()) {
+            Some(unit) => Some(match self.units.find("", unit) {
+                Some(unit) => unit,
+                None => {
+                    check_text(Field::Unit, unit, limits.max_unit_bytes)?;
+                    self.units.keep(Arc::from(unit))
+                }
+            }),
+            None => None,
+        };
+        let metric = match self.names.find(&self.bn, own) {
+            Some(name) => name,
+            None => {
+                let mut name = String::with_capacity(name_len);
+                name.push_str(&self.bn);
+                name.push_str(own);
+                if !valid_name(&name) {
+                    return fail(format!("invalid name {name:?}"));
+                }
+                self.names.keep(Arc::from(name))
+            }
+        };
         let seconds = self.bt + r.t.unwrap_or(0.0);
         let time = if seconds < RELATIVE_LIMIT {
             self.relative_time = true;
@@ -268,9 +287,9 @@ impl<'a, 'l> Resolver<'a, 'l> {
         };
         let reading = Reading {
             time,
-            metric: name,
+            metric,
             value,
-            unit: unit.map(str::to_string),
+            unit,
             sum,
         };
         account(&mut self.decoded_bytes, &reading, limits)?;
