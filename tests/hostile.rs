@@ -489,6 +489,54 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
     assert_device_exactly(&client, &gateway, &y, 100, 0).await;
 }
 
+/// A SenML pack re-sent after its identity has left the shard worker's
+/// memory (`dedup.max_identities`) is caught by the database: the writer's
+/// COPY of the batch's identities fails on `message_ids`' key, rolls back
+/// to its savepoint, and the insert that follows names the repeat. Packs
+/// never seen before still commit, in the same and in later batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senml_repeat_the_workers_forgot_is_caught_by_the_database() {
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let gateway = Gateway::start(
+        &broker.url(),
+        &pg.url(),
+        "[pipeline]\nshards = 1\n[dedup]\nmax_identities = 2\n",
+    );
+    let client = db(&pg.url()).await;
+    let port = broker.port();
+    let device = "forgetful";
+    let topic = format!("devices/{device}/telemetry");
+    let t0 = now_ms() as f64 / 1000.0 - 600.0;
+    let pack = |i: usize| format!(r#"[{{"n":"temp","t":{},"v":{i}}}]"#, t0 + i as f64);
+    // Four packs, each committed before the next: the worker now remembers
+    // only the last two.
+    for i in 0..4 {
+        mosquitto_pub(port, &topic, &[pack(i)], Duration::ZERO, &[]);
+        assert_device_exactly(&client, &gateway, device, i as i64 + 1, 0).await;
+    }
+    // The first two again, with a new one between them.
+    let again = [pack(0), pack(4), pack(1)];
+    mosquitto_pub(port, &topic, &again, Duration::ZERO, &[]);
+    assert_device_exactly(&client, &gateway, device, 5, 0).await;
+    eventually(Duration::from_secs(30), async || {
+        (gateway.metric("edge_gateway_duplicates_total")? >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        gateway.metric("edge_gateway_duplicates_total"),
+        Some(2.0),
+        "log:\n{}",
+        gateway.log()
+    );
+    let ids: i64 = client
+        .query_one("SELECT count(*) FROM edge.message_ids", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    assert_eq!(ids, 5, "one identity per distinct pack");
+}
+
 /// 200,000 distinct device ids through a gateway capped at 50,000 series:
 /// the series gauge never passes the cap, memory stays under the bound,
 /// and every evicted series wrote its final rollup.
