@@ -1,11 +1,12 @@
 //! SenML (RFC 8428) decoding and resolution, JSON and CBOR alike.
 //!
-//! CBOR, the encoding of high-rate devices, is read in one pass by the
-//! streaming reader ([`super::cbor`]): each record's fields are borrowed
-//! from the payload and resolved at once ([`decode_cbor`]). JSON goes through
-//! a serde visitor into [`edge_payload::senml::Record`]s, then the same
-//! [`Resolver`]; that visitor also reads CBOR through `ciborium`, which the
-//! tests and the fuzz target use as the reference for the streaming path.
+//! Both encodings are read in one pass, each record's fields borrowed from
+//! the payload and resolved at once by the one [`Resolver`]: CBOR, the
+//! encoding of high-rate devices, by the streaming reader ([`super::cbor`],
+//! [`decode_cbor`]); JSON by a serde visitor over `serde_json`
+//! ([`decode_json`]). That visitor also reads CBOR through `ciborium` into
+//! owned [`edge_payload::senml::Record`]s ([`parse`]), which the tests and
+//! the fuzz target use as the reference for the streaming path.
 //! Map keys may be the JSON string labels or the CBOR integer labels.
 //! Unknown labels are ignored unless they end in `_` (must-understand, RFC
 //! 8428 section 4.4), which rejects the pack.
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use edge_payload::senml::Record;
 
 pub use stream::decode_cbor;
-pub use visitor::parse;
+pub use visitor::{decode_json, parse};
 
 use super::names::Names;
 use super::{account, check_text, seconds_to_micros, DecodeError, Encoding, Field, Limits};
@@ -55,10 +56,7 @@ pub fn decode(
 ) -> Result<Decoded, DecodeError> {
     match encoding {
         Encoding::Cbor => decode_cbor(body, received, limits),
-        Encoding::Json => {
-            let records = parse(body, encoding, limits.max_records)?;
-            resolve(&records, received, limits)
-        }
+        Encoding::Json => decode_json(body, received, limits),
     }
 }
 

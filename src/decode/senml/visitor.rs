@@ -1,16 +1,85 @@
-//! The serde path of SenML decoding: one visitor reads records from JSON
-//! (string labels) or, through `ciborium`, CBOR (integer labels) into
-//! [`Record`]s, for [`super::resolve`]. JSON packs take this path; the CBOR
-//! one is the reference the streaming reader is tested against.
+//! The serde path of SenML decoding: one visitor reads a record from JSON
+//! (string labels) or, through `ciborium`, CBOR (integer labels) into a
+//! [`RecordRef`]. JSON packs stream through it into the [`Resolver`]
+//! ([`decode_json`]), strings borrowed from the payload where they hold no
+//! escape; [`parse`] collects owned [`Record`]s, and its CBOR side is the
+//! reference the streaming CBOR reader is tested against.
 
 use std::fmt;
+
+use std::borrow::Cow;
 
 use edge_payload::base64url;
 use edge_payload::senml::{label, Record};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserializer;
 
-use super::super::{DecodeError, Encoding};
+use super::{RecordRef, Resolver};
+use crate::decode::{DecodeError, Encoding, Limits};
+use crate::model::{Decoded, Micros};
+
+/// Decodes and resolves a JSON pack in one pass: each record goes to the
+/// [`Resolver`] as soon as it is read, its strings borrowed from the
+/// payload unless they hold an escape. The same result as [`parse`] then
+/// [`super::resolve`] for a valid pack; a pack that breaks both the syntax
+/// and a SenML rule is refused for whichever comes first.
+///
+/// # Errors
+/// [`DecodeError::Json`] for syntax and type errors,
+/// [`DecodeError::TooManyRecords`], and the errors of [`Resolver::push`].
+pub fn decode_json(body: &[u8], received: Micros, limits: &Limits) -> Result<Decoded, DecodeError> {
+    let mut resolver = Resolver::new(received, limits, 8);
+    let mut refused = None;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let seed = StreamSeed {
+        resolver: &mut resolver,
+        refused: &mut refused,
+        max_records: limits.max_records,
+    };
+    let read = seed.deserialize(&mut de).and_then(|()| de.end());
+    match (read, refused) {
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(json_error(e, limits.max_records)),
+        (Ok(()), None) => Ok(resolver.finish()),
+    }
+}
+
+/// A JSON pack, each record resolved as it is read; the resolver's error,
+/// if any, is left in `refused` (serde's errors carry only text).
+struct StreamSeed<'r, 'a, 'l> {
+    resolver: &'r mut Resolver<'a, 'l>,
+    refused: &'r mut Option<DecodeError>,
+    max_records: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for StreamSeed<'_, 'de, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StreamSeed<'_, 'de, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a SenML pack (array of records)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        let mut record = RecordRef::default();
+        while let Some(()) = seq.next_element_seed(RecordInto(&mut record))? {
+            if i == self.max_records {
+                return Err(de::Error::custom(RECORDS_MARK));
+            }
+            if let Err(e) = self.resolver.push(i, &mut record) {
+                *self.refused = Some(e);
+                return Err(de::Error::custom("edge-gateway: refused by the resolver"));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
 
 /// Parses the records of a pack without resolving them; a pack of more
 /// than `max_records` records is refused as soon as the next one starts.
@@ -114,22 +183,76 @@ impl<'de> Visitor<'de> for PackSeed {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Record>, A::Error> {
         let hint = seq.size_hint().unwrap_or(8).min(4096).min(self.max_records);
         let mut records = Vec::with_capacity(hint);
-        while let Some(record) = seq.next_element_seed(RecordSeed)? {
+        let mut record = RecordRef::default();
+        while let Some(()) = seq.next_element_seed(RecordInto(&mut record))? {
             if records.len() == self.max_records {
                 return Err(de::Error::custom(RECORDS_MARK));
             }
-            records.push(record);
+            records.push(owned(std::mem::take(&mut record)));
         }
         Ok(records)
     }
 }
 
-struct RecordSeed;
+/// The owned copy of a record.
+fn owned(r: RecordRef<'_>) -> Record {
+    let text = |s: Option<Cow<'_, str>>| s.map(Cow::into_owned);
+    Record {
+        bver: r.bver,
+        bn: text(r.bn),
+        bt: r.bt,
+        bu: text(r.bu),
+        bv: r.bv,
+        bs: r.bs,
+        n: text(r.n),
+        u: text(r.u),
+        v: r.v,
+        vs: text(r.vs),
+        vb: r.vb,
+        vd: r.vd.map(Cow::into_owned),
+        s: r.s,
+        t: r.t,
+        ut: r.ut,
+    }
+}
 
-impl<'de> DeserializeSeed<'de> for RecordSeed {
-    type Value = Record;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Record, D::Error> {
-        d.deserialize_map(RecordVisitor)
+/// Reads one record into the one it holds (filled in place: a record is
+/// some 300 bytes, which moving through serde's results would copy over
+/// and over).
+struct RecordInto<'r, 'de>(&'r mut RecordRef<'de>);
+
+impl<'de> DeserializeSeed<'de> for RecordInto<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+/// A text string, borrowed from the payload when the deserializer can.
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        // `deserialize_string`: ciborium joins chunked text only there;
+        // serde_json still lends what it can.
+        d.deserialize_string(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(s))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(s.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(s))
     }
 }
 
@@ -261,15 +384,14 @@ impl Visitor<'_> for Data {
     }
 }
 
-struct RecordVisitor;
-
-impl<'de> Visitor<'de> for RecordVisitor {
-    type Value = Record;
+impl<'de> Visitor<'de> for RecordInto<'_, 'de> {
+    type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a SenML record (map)")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record, A::Error> {
-        let mut r = Record::default();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let r = self.0;
+        *r = RecordRef::default();
         while let Some(key) = map.next_key_seed(KeySeed)? {
             let label = match key {
                 Key::Known(label) => label,
@@ -291,25 +413,25 @@ impl<'de> Visitor<'de> for RecordVisitor {
             }
             match label {
                 label::BVER => set!(bver, map.next_value::<u64>()?),
-                label::BN => set!(bn, map.next_value::<String>()?),
+                label::BN => set!(bn, map.next_value_seed(Text)?),
                 label::BT => set!(bt, map.next_value_seed(Number)?),
-                label::BU => set!(bu, map.next_value::<String>()?),
+                label::BU => set!(bu, map.next_value_seed(Text)?),
                 label::BV => set!(bv, map.next_value_seed(Number)?),
                 label::BS => set!(bs, map.next_value_seed(Number)?),
-                label::N => set!(n, map.next_value::<String>()?),
-                label::U => set!(u, map.next_value::<String>()?),
+                label::N => set!(n, map.next_value_seed(Text)?),
+                label::U => set!(u, map.next_value_seed(Text)?),
                 label::V => set!(v, map.next_value_seed(Number)?),
-                label::VS => set!(vs, map.next_value::<String>()?),
+                label::VS => set!(vs, map.next_value_seed(Text)?),
                 label::VB => set!(vb, map.next_value::<bool>()?),
                 label::S => set!(s, map.next_value_seed(Number)?),
                 label::T => set!(t, map.next_value_seed(Number)?),
                 label::UT => set!(ut, map.next_value_seed(Number)?),
-                label::VD => set!(vd, map.next_value_seed(Data)?),
+                label::VD => set!(vd, Cow::Owned(map.next_value_seed(Data)?)),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(r)
+        Ok(())
     }
 }
