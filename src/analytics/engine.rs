@@ -229,72 +229,105 @@ impl Analytics {
         now: Micros,
         out: &mut Outputs,
     ) {
-        if self.series >= self.max_series {
-            // Make room for a tenth at once, so the sort is amortised.
-            let keep = self.max_series - self.max_series.div_ceil(10);
-            self.evict(Micros::MIN, keep, out);
-        }
-        let Analytics {
-            config,
-            steps,
-            lateness,
-            devices,
-            metrics,
-            released,
-            ..
-        } = self;
-        if !config.enabled {
+        self.observe_all(device, [(metric, t, v)], now, out);
+    }
+
+    /// The numeric readings `(metric, t, v)` of one message from `device`,
+    /// received at `now`, in order: as many [`observe`](Self::observe)
+    /// calls, with the device looked up once for them all (again only
+    /// after an eviction).
+    pub fn observe_all<'m>(
+        &mut self,
+        device: &Arc<str>,
+        readings: impl IntoIterator<Item = (&'m str, Micros, f64)>,
+        now: Micros,
+        out: &mut Outputs,
+    ) {
+        if !self.config.enabled {
             return;
         }
-        let state = match devices.get_mut(device) {
-            Some(state) => state,
-            None => devices
-                .entry(device.clone())
-                .or_insert_with(|| DeviceState::new(device, &steps.rules)),
-        };
-        for (i, s) in &mut state.silence {
-            if let Some(tr) = s.seen(now) {
-                out.alerts.push(alert(
-                    now,
-                    device,
-                    "",
-                    &steps.rules[*i].name,
-                    tr,
-                    None,
-                    "{}".into(),
-                ));
+        let mut readings = readings.into_iter().peekable();
+        while readings.peek().is_some() {
+            // Set when eviction made no room (never expected): the next
+            // reading goes in regardless, so no loop here can spin.
+            let mut over = false;
+            if self.series >= self.max_series {
+                // Make room for a tenth at once, so the sort is amortised.
+                let keep = self.max_series - self.max_series.div_ceil(10);
+                self.evict(Micros::MIN, keep, out);
+                over = self.series >= self.max_series;
             }
-        }
-        let at = match state.series.binary_search_by(|s| (*s.metric).cmp(metric)) {
-            Ok(at) => at,
-            Err(at) => {
-                let metric = match metrics.get(metric) {
-                    Some(m) => m.clone(),
-                    None => {
-                        let m: Arc<str> = Arc::from(metric);
-                        metrics.insert(m.clone());
-                        m
+            let Analytics {
+                steps,
+                lateness,
+                devices,
+                metrics,
+                released,
+                series: count,
+                max_series,
+                ..
+            } = self;
+            let state = match devices.get_mut(device) {
+                Some(state) => state,
+                None => devices
+                    .entry(device.clone())
+                    .or_insert_with(|| DeviceState::new(device, &steps.rules)),
+            };
+            for (i, s) in &mut state.silence {
+                if let Some(tr) = s.seen(now) {
+                    out.alerts.push(alert(
+                        now,
+                        device,
+                        "",
+                        &steps.rules[*i].name,
+                        tr,
+                        None,
+                        "{}".into(),
+                    ));
+                }
+            }
+            // Up to the next reading that finds the series at their cap.
+            while *count < *max_series || std::mem::take(&mut over) {
+                let Some((metric, t, v)) = readings.next() else {
+                    break;
+                };
+                let at = match state.series.binary_search_by(|s| (*s.metric).cmp(metric)) {
+                    Ok(at) => at,
+                    Err(at) => {
+                        let metric = match metrics.get(metric) {
+                            Some(m) => m.clone(),
+                            None => {
+                                let m: Arc<str> = Arc::from(metric);
+                                metrics.insert(m.clone());
+                                m
+                            }
+                        };
+                        state.series.reserve_exact(1);
+                        let series = Series::new(
+                            &steps.layout,
+                            &steps.anomaly,
+                            &steps.rules,
+                            device,
+                            metric,
+                        );
+                        state.series.insert(at, series);
+                        *count += 1;
+                        at
                     }
                 };
-                state.series.reserve_exact(1);
-                let series =
-                    Series::new(&steps.layout, &steps.anomaly, &steps.rules, device, metric);
-                state.series.insert(at, series);
-                self.series += 1;
-                at
+                let series = &mut state.series[at];
+                released.clear();
+                if !series
+                    .reorder
+                    .push(*lateness, t, v, |t, v| released.push((t, v)))
+                {
+                    out.late += 1;
+                    continue;
+                }
+                series.last_arrival = now;
+                run_released(steps, series, &mut state.sequences, device, released, out);
             }
-        };
-        let series = &mut state.series[at];
-        released.clear();
-        if !series
-            .reorder
-            .push(*lateness, t, v, |t, v| released.push((t, v)))
-        {
-            out.late += 1;
-            return;
         }
-        series.last_arrival = now;
-        run_released(steps, series, &mut state.sequences, device, released, out);
     }
 
     /// Replaces the rules (SIGHUP reload). A rule whose settings did not
@@ -490,6 +523,54 @@ mod tests {
         };
         let a = Analytics::new(Arc::new(config), AnomalyConfig::default(), rules());
         (a, Arc::from("d1"), Outputs::default())
+    }
+
+    /// A message's readings through [`Analytics::observe_all`] give what
+    /// one [`Analytics::observe`] call each gives, at the series cap too
+    /// (evictions between the readings of one message, the device's own
+    /// series among them).
+    #[test]
+    fn observing_a_message_at_once_is_observing_each_reading() {
+        let s = MICROS_PER_SEC;
+        let run = |at_once: bool| {
+            let (a, _, mut out) = analytics(2.0);
+            let mut a = a.with_limits(8, 5);
+            for m in 0..40i64 {
+                let now = m * 30 * s;
+                let device: Arc<str> = Arc::from(format!("d{}", m % 3).as_str());
+                let readings: Vec<(String, Micros, f64)> = (0..4)
+                    .map(|k| {
+                        let v = ((m + k) * 7 % 13) as f64 * 3.0;
+                        (format!("temp{}", (m + k) % 6), now + k, v)
+                    })
+                    .collect();
+                let numbers = readings.iter().map(|(n, t, v)| (n.as_str(), *t, *v));
+                if at_once {
+                    a.observe_all(&device, numbers, now, &mut out);
+                } else {
+                    for (n, t, v) in numbers {
+                        a.observe(&device, n, t, v, now, &mut out);
+                    }
+                }
+                assert!(a.series() <= 5);
+                // Silence, raised now and then, cleared by the next message.
+                if m % 10 == 9 {
+                    a.tick(now + 100 * s, &mut out);
+                }
+            }
+            a.drain(&mut out);
+            (out.alerts, out.rollups, out.late, a.evicted)
+        };
+        let (each, at_once) = (run(false), run(true));
+        assert!(each.3 > 0, "the cap evicted series");
+        let rules: std::collections::HashSet<&str> =
+            each.0.iter().map(|x| x.rule.as_str()).collect();
+        assert!(
+            rules.contains("hot") && rules.contains("quiet"),
+            "{rules:?}"
+        );
+        assert!(!each.1.is_empty(), "rollups");
+        assert_eq!(each, at_once);
     }
 
     /// Readings held for reordering reach the rules once the series has

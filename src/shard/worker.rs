@@ -351,18 +351,11 @@ impl Worker {
                         .map(|seq| (seq, decoded.boot)),
                 );
                 if let Some(analytics) = &mut self.analytics {
-                    for r in &decoded.readings {
-                        if let crate::model::Value::Number(v) = r.value {
-                            analytics.observe(
-                                &device,
-                                &r.metric,
-                                r.time,
-                                v,
-                                message.received,
-                                &mut self.outputs,
-                            );
-                        }
-                    }
+                    let numbers = decoded.readings.iter().filter_map(|r| match r.value {
+                        crate::model::Value::Number(v) => Some((&*r.metric, r.time, v)),
+                        _ => None,
+                    });
+                    analytics.observe_all(&device, numbers, message.received, &mut self.outputs);
                     self.collect_outputs();
                 }
             }
