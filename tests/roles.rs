@@ -1,6 +1,7 @@
-//! The least-privilege roles of deploy/sql: the gateway runs as
-//! edge_gateway, creates partitions and stores readings, and cannot drop,
-//! delete or truncate what it does not own.
+//! The gateway's database sessions: the least-privilege roles of
+//! deploy/sql (the gateway runs as edge_gateway, creates partitions and
+//! stores readings, and cannot drop, delete or truncate what it does not
+//! own), and the settings its sessions ask for.
 
 // A test (or bench) that cannot set up fails, saying why.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -63,4 +64,39 @@ async fn the_gateway_runs_with_least_privilege() {
         let code = err.code().map(|c| c.code().to_string());
         assert_eq!(code.as_deref(), Some("42501"), "{forbidden}: {err:?}");
     }
+}
+
+/// The gateway's sessions ask for their written pages to be flushed as they
+/// go (`database.flush_after_kb`, as `backend_flush_after`), after the
+/// URL's own options, which still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_flush_their_writes_and_keep_the_urls_options() {
+    use edge_gateway::sink::connection::{connect, Db};
+    use edge_gateway::sink::settings::DatabaseConfig;
+    let pg = LocalPostgres::start().expect("throwaway PostgreSQL");
+    let show = |client: tokio_postgres::Client, name: &'static str| async move {
+        client
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default()
+    };
+    let sep = if pg.url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-c%20work_mem%3D7MB", pg.url());
+    let settings = DatabaseConfig {
+        url,
+        ..DatabaseConfig::default()
+    };
+    let db = Db::new(&settings).expect("settings");
+    let client = connect(&db).await.expect("connect");
+    assert_eq!(show(client, "backend_flush_after").await, "2MB");
+    let client = connect(&db).await.expect("connect");
+    assert_eq!(show(client, "work_mem").await, "7MB");
+    let off = Db::new(&DatabaseConfig {
+        flush_after_kb: 0,
+        ..settings
+    })
+    .expect("settings");
+    let client = connect(&off).await.expect("connect");
+    assert_eq!(show(client, "backend_flush_after").await, "0");
 }

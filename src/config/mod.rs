@@ -275,6 +275,10 @@ mod tests {
     fn invalid_values_name_the_key() {
         for (toml, key) in [
             ("[database]\nbatch_rows = 0", "database.batch_rows"),
+            (
+                "[database]\nflush_after_kb = 4096",
+                "database.flush_after_kb",
+            ),
             ("[database]\nschema = \"Edge; drop\"", "database.schema"),
             ("[mqtt]\nurl = \"http://x\"", "mqtt.url"),
             ("[mqtt]\nurl = \"mqtts://x\"", "mqtt.ca_file"),

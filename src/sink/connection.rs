@@ -33,6 +33,15 @@ impl Db {
     /// [`Invalid`] for `database.url` or `database.ca_file`.
     pub fn new(settings: &DatabaseConfig) -> Result<Db, Invalid> {
         let mut pg = pg_config(&settings.url)?;
+        if settings.flush_after_kb > 0 {
+            // After the URL's own options, so this one wins.
+            let flush = format!("-c backend_flush_after={}kB", settings.flush_after_kb);
+            let options = match pg.get_options() {
+                Some(own) if !own.is_empty() => format!("{own} {flush}"),
+                _ => flush,
+            };
+            pg.options(&options);
+        }
         let tls = if settings.ca_file.is_empty() {
             None
         } else {

@@ -68,6 +68,12 @@ pub struct DatabaseConfig {
     /// `alerts` that `migrate` creates, for downstream change data capture
     /// (logical replication subscribers, Debezium); "" = none.
     pub publication: String,
+    /// The gateway's sessions ask PostgreSQL to hand their written data
+    /// pages to the kernel for writing every this many KiB
+    /// (`backend_flush_after`, 0 to 2048; 0 = the server's setting). Bulk
+    /// loads otherwise leave gigabytes of dirty pages whose writeback, when
+    /// the kernel gets to it, stalls every commit for about a second.
+    pub flush_after_kb: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -85,6 +91,7 @@ impl Default for DatabaseConfig {
             publication: String::new(),
             ca_file: String::new(),
             citus_shard_count: 0,
+            flush_after_kb: 2048,
         }
     }
 }
@@ -140,6 +147,12 @@ impl DatabaseConfig {
         identifier("database.publication", &d.publication, true)?;
         if d.retry_min_ms == 0 || d.retry_min_ms > 10_000 {
             return Err(Invalid::new("database.retry_min_ms", "must be 1 to 10000"));
+        }
+        if d.flush_after_kb > 2048 {
+            return Err(Invalid::new(
+                "database.flush_after_kb",
+                "must be 0 to 2048 (PostgreSQL's limit for backend_flush_after)",
+            ));
         }
         readable("database.ca_file", &self.ca_file)?;
         Ok(())
