@@ -597,6 +597,44 @@ mod tests {
                 same_as_ciborium(&bytes, &limits).map_err(TestCaseError::fail)?;
             }
         }
+
+        /// JSON read in one pass ([`decode_json`]) gives what parsing all
+        /// records and then resolving them gives: the same readings, or
+        /// both an error (which one may differ when a pack breaks both the
+        /// syntax and a rule). Names with escapes take the owned path.
+        #[test]
+        fn streaming_json_decodes_as_parse_then_resolve(
+            records in proptest::collection::vec(record(), 0..6),
+            escape in any::<bool>(),
+            cuts in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
+            max_records in 1usize..8,
+        ) {
+            let mut bytes = edge_payload::senml::encode_json(&records).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            if escape {
+                // "\u0061" is "a": the same pack, with escapes.
+                bytes = String::from_utf8_lossy(&bytes).replace("\"a", "\"\\u0061").into_bytes();
+            }
+            let limits = Limits { max_records, ..Limits::default() };
+            for round in 0..2 {
+                if round == 1 {
+                    for (at, byte) in &cuts {
+                        if !bytes.is_empty() {
+                            let at = at.index(bytes.len());
+                            bytes[at] = *byte;
+                        }
+                    }
+                }
+                let streaming = decode_json(&bytes, NOW, &limits);
+                let reference = parse(&bytes, Encoding::Json, limits.max_records)
+                    .and_then(|r| resolve(&r, NOW, &limits));
+                let same = match (&streaming, &reference) {
+                    (Ok(a), Ok(b)) => a == b,
+                    (Err(_), Err(_)) => true,
+                    _ => false,
+                };
+                prop_assert!(same, "{}\nstreaming {:?}\nreference {:?}", String::from_utf8_lossy(&bytes), streaming, reference);
+            }
+        }
     }
 
     #[test]
