@@ -72,9 +72,9 @@ pub(super) fn record_error(i: usize, what: impl std::fmt::Display) -> DecodeErro
     DecodeError::Senml(format!("record {i}: {what}"))
 }
 
-/// One record's fields as sent, borrowed from the payload where the
-/// encoding allows (the streaming CBOR reader), or from a parsed
-/// [`Record`] (JSON).
+/// One record's fields as sent: borrowed from the payload by both decoders
+/// (text with JSON escapes or in CBOR chunks is owned), or from a parsed
+/// [`Record`] on the reference path ([`resolve`]).
 #[derive(Debug, Default)]
 pub struct RecordRef<'a> {
     pub bver: Option<u64>,
@@ -117,7 +117,9 @@ impl<'a> From<&'a Record> for RecordRef<'a> {
     }
 }
 
-/// Applies base values and relative times (RFC 8428 4.6), within `limits`.
+/// Applies base values and relative times (RFC 8428 4.6), within `limits`,
+/// to records parsed beforehand ([`parse`]): the reference the one-pass
+/// decoders are tested against.
 ///
 /// # Errors
 /// As for [`Resolver::push`].
