@@ -323,7 +323,7 @@ macro_rules! whole_then_each {
 /// that no input can make them fail (bounded text, no index).
 ///
 /// # Errors
-/// Database errors; with `isolate`, only those [`is_transient`] accepts
+/// Database errors; with `isolate`, only those [`is_transient`](super::connection::is_transient) accepts
 /// and failures of the statements that carry no device data.
 pub async fn commit(
     client: &mut Client,
