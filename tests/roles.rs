@@ -67,8 +67,8 @@ async fn the_gateway_runs_with_least_privilege() {
 }
 
 /// The gateway's sessions ask for their written pages to be flushed as they
-/// go (`database.flush_after_kb`, as `backend_flush_after`), after the
-/// URL's own options, which still apply.
+/// go (`database.flush_after_kb`, as `backend_flush_after`), and the URL's
+/// own options still apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_flush_their_writes_and_keep_the_urls_options() {
     use edge_gateway::sink::connection::{connect, Db};

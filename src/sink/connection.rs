@@ -16,6 +16,10 @@ pub struct Db {
     pub pg: tokio_postgres::Config,
     /// TLS with verified certificates, when `database.ca_file` is set.
     pub tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// `database.flush_after_kb`, set on every session once connected (0:
+    /// the server's setting). A `SET`, not a startup option: poolers such
+    /// as PgBouncer refuse startup options they do not know.
+    pub flush_after_kb: u32,
 }
 
 impl std::fmt::Debug for Db {
@@ -33,15 +37,6 @@ impl Db {
     /// [`Invalid`] for `database.url` or `database.ca_file`.
     pub fn new(settings: &DatabaseConfig) -> Result<Db, Invalid> {
         let mut pg = pg_config(&settings.url)?;
-        if settings.flush_after_kb > 0 {
-            // After the URL's own options, so this one wins.
-            let flush = format!("-c backend_flush_after={}kB", settings.flush_after_kb);
-            let options = match pg.get_options() {
-                Some(own) if !own.is_empty() => format!("{own} {flush}"),
-                _ => flush,
-            };
-            pg.options(&options);
-        }
         let tls = if settings.ca_file.is_empty() {
             None
         } else {
@@ -63,20 +58,29 @@ impl Db {
                 .map_err(|e| Invalid::new("database.ca_file", e.to_string()))?;
             Some(tokio_postgres_rustls::MakeRustlsConnect::new(config))
         };
-        Ok(Db { pg, tls })
+        Ok(Db {
+            pg,
+            tls,
+            flush_after_kb: settings.flush_after_kb,
+        })
     }
 }
 
 impl From<tokio_postgres::Config> for Db {
     fn from(pg: tokio_postgres::Config) -> Db {
-        Db { pg, tls: None }
+        Db {
+            pg,
+            tls: None,
+            flush_after_kb: 0,
+        }
     }
 }
 
-/// Opens a connection and drives it in a background task.
+/// Opens a connection, drives it in a background task, and sets the
+/// session's `backend_flush_after` ([`Db::flush_after_kb`]).
 ///
 /// # Errors
-/// When the database cannot be reached or refuses the login.
+/// When the database cannot be reached or refuses the login or the setting.
 pub async fn connect(db: &Db) -> Result<Client, tokio_postgres::Error> {
     fn drive<F>(connection: F)
     where
@@ -88,18 +92,27 @@ pub async fn connect(db: &Db) -> Result<Client, tokio_postgres::Error> {
             }
         });
     }
-    match &db.tls {
+    let client = match &db.tls {
         Some(tls) => {
             let (client, connection) = db.pg.connect(tls.clone()).await?;
             drive(connection);
-            Ok(client)
+            client
         }
         None => {
             let (client, connection) = db.pg.connect(NoTls).await?;
             drive(connection);
-            Ok(client)
+            client
         }
+    };
+    if db.flush_after_kb > 0 {
+        client
+            .batch_execute(&format!(
+                "SET backend_flush_after = '{}kB'",
+                db.flush_after_kb
+            ))
+            .await?;
     }
+    Ok(client)
 }
 
 /// The server's own words for a database error (SQLSTATE, message,
