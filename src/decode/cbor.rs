@@ -61,8 +61,7 @@ impl Item<'_> {
 
 /// The entries of an array or a map whose header was just read: counts
 /// down a definite length, or reads up to the break of an indefinite one.
-/// For a map, an entry is a pair: [`next`](Self::next) reads its key and
-/// the caller its value.
+/// For a map, an entry is a pair: the caller reads its key and its value.
 #[derive(Debug, Clone, Copy)]
 pub struct Entries {
     /// Entries left of a definite length; `None` until a break.
@@ -75,32 +74,11 @@ impl Entries {
         Entries { left: count }
     }
 
-    /// The first item of the next entry, `None` at the end. With
-    /// `untagged`, tags in front of it are skipped ([`Reader::untagged`]).
-    ///
-    /// # Errors
-    /// As for [`Reader::item`].
-    pub fn next<'a>(
-        &mut self,
-        r: &mut Reader<'a>,
-        untagged: bool,
-    ) -> Result<Option<Item<'a>>, CborError> {
-        match &mut self.left {
-            Some(0) => return Ok(None),
-            Some(n) => *n -= 1,
-            None => {}
-        }
-        let item = if untagged { r.untagged()? } else { r.item()? };
-        Ok(match item {
-            Item::Break if self.left.is_none() => None,
-            item => Some(item),
-        })
-    }
-
     /// Whether another entry follows; at the break of an indefinite
     /// length, reads it. The caller then reads the entry itself, on a fast
-    /// path ([`Reader::small_int`], ...) or with [`Reader::item`]: the same
-    /// walk as [`next`](Self::next) without building an [`Item`] first.
+    /// path ([`Reader::small_int`], ...) or with [`Reader::item`] (a tag
+    /// before the break is its error), so no [`Item`] is built just to
+    /// look for the break.
     #[inline]
     pub fn more(&mut self, r: &mut Reader<'_>) -> bool {
         match &mut self.left {
@@ -197,6 +175,22 @@ impl<'a> Reader<'a> {
         let s = std::str::from_utf8(self.buf.get(start..start + len)?).ok()?;
         self.pos = start + len;
         Some(s)
+    }
+
+    /// The next item, tags skipped, when it is a text string (borrowed
+    /// unless chunked); `None` when it is another item, which is read.
+    ///
+    /// # Errors
+    /// As for [`untagged`](Self::untagged).
+    #[inline]
+    pub fn text(&mut self) -> Result<Option<Cow<'a, str>>, CborError> {
+        if let Some(s) = self.short_text() {
+            return Ok(Some(Cow::Borrowed(s)));
+        }
+        Ok(match self.untagged()? {
+            Item::Text(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// An untagged integer or float, as [`Item::number`] gives it.
@@ -575,8 +569,8 @@ mod tests {
             };
             let mut entries = Entries::new(count);
             let mut got = Vec::new();
-            while let Some(item) = entries.next(&mut r, true).unwrap() {
-                got.push(item.number());
+            while entries.more(&mut r) {
+                got.push(r.item().unwrap().number());
             }
             assert_eq!(got, [Some(1.0), Some(2.0)]);
             assert_eq!(r.item(), Ok(Item::Uint(9)));
@@ -586,9 +580,11 @@ mod tests {
             panic!("a map")
         };
         let mut entries = Entries::new(None);
-        assert_eq!(entries.next(&mut r, false), Ok(Some(Item::Uint(1))));
+        assert!(entries.more(&mut r));
+        assert_eq!(r.item(), Ok(Item::Uint(1)));
         assert_eq!(r.item(), Ok(Item::Uint(2)));
-        assert_eq!(entries.next(&mut r, false), Ok(None));
+        assert!(!entries.more(&mut r));
+        assert_eq!(r.remaining(), 0);
         assert_eq!(Item::Nint(4).number(), Some(-5.0));
         assert_eq!(Item::Null.number(), None);
     }

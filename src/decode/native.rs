@@ -1,7 +1,6 @@
 //! Native payload decoding: `{"seq", "ts", "m"}` or `{"seq", "samples"}`, JSON
 //! or CBOR, into readings. See `edge_payload::native` for the format.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use edge_payload::native::{Metrics, NativeMessage};
@@ -81,8 +80,8 @@ pub fn decode_cbor(body: &[u8], limits: &Limits) -> Result<Decoded, DecodeError>
         Item::Map(count) => Entries::new(count),
         _ => return Err(DecodeError::Cbor("a native message must be a map".into())),
     };
-    while let Some(key) = fields.next(&mut r, true)? {
-        let Item::Text(key) = key else {
+    while fields.more(&mut r) {
+        let Some(key) = r.text()? else {
             return Err(DecodeError::Cbor(
                 "a native key must be a text string".into(),
             ));
@@ -205,16 +204,10 @@ fn samples(r: &mut Reader<'_>, out: &mut Readings) -> Result<(), DecodeError> {
         let (mut ts, mut m, mut m_read) = (None, None, false);
         let mut fields = Entries::new(pairs);
         while fields.more(r) {
-            let key = match r.short_text() {
-                Some(key) => Cow::Borrowed(key),
-                None => match r.untagged()? {
-                    Item::Text(key) => key,
-                    _ => {
-                        return Err(DecodeError::Cbor(
-                            "a sample key must be a text string".into(),
-                        ))
-                    }
-                },
+            let Some(key) = r.text()? else {
+                return Err(DecodeError::Cbor(
+                    "a sample key must be a text string".into(),
+                ));
             };
             match (key.as_ref(), ts) {
                 ("ts", None) => ts = Some(timestamp(r)?),
@@ -252,16 +245,10 @@ fn metrics(r: &mut Reader<'_>, ts_ms: i64, out: &mut Readings) -> Result<(), Dec
         _ => return Err(DecodeError::Cbor("m must be a map".into())),
     };
     while pairs.more(r) {
-        let name = match r.short_text() {
-            Some(name) => Cow::Borrowed(name),
-            None => match r.untagged()? {
-                Item::Text(name) => name,
-                _ => {
-                    return Err(DecodeError::Cbor(
-                        "a metric name must be a text string".into(),
-                    ))
-                }
-            },
+        let Some(name) = r.text()? else {
+            return Err(DecodeError::Cbor(
+                "a metric name must be a text string".into(),
+            ));
         };
         let value = match r.plain_number() {
             Some(value) => value,

@@ -129,12 +129,9 @@ fn read_field<'a>(
             rec.$field = Some($value);
         }};
     }
-    let text = |r: &mut Reader<'a>, name| match r.short_text() {
-        Some(s) => Ok(Cow::Borrowed(s)),
-        None => match r.untagged()? {
-            Item::Text(s) => Ok(s),
-            _ => Err(type_error(i, name, "a text string")),
-        },
+    let text = |r: &mut Reader<'a>, name| {
+        r.text()?
+            .ok_or_else(|| type_error(i, name, "a text string"))
     };
     let number = |r: &mut Reader<'a>, name| cbor_number(r, i, name);
     match label {
