@@ -21,10 +21,33 @@ impl Names {
     /// remembered.
     pub const MAX: usize = 16;
 
+    /// The shared text `prefix` followed by `rest`: the kept one when there
+    /// is one, else the joined text, once `check` has taken it (then kept
+    /// while there is room).
+    ///
+    /// # Errors
+    /// What `check` returns for a text seen for the first time.
+    #[inline]
+    pub fn intern<E>(
+        &mut self,
+        prefix: &str,
+        rest: &str,
+        check: impl FnOnce(&str) -> Result<(), E>,
+    ) -> Result<Arc<str>, E> {
+        if let Some(kept) = self.find(prefix, rest) {
+            return Ok(kept);
+        }
+        let mut text = String::with_capacity(prefix.len() + rest.len());
+        text.push_str(prefix);
+        text.push_str(rest);
+        check(&text)?;
+        Ok(self.keep(Arc::from(text)))
+    }
+
     /// The kept text equal to `prefix` followed by `rest`, if any; compared
     /// without building the joined text.
     #[inline]
-    pub fn find(&self, prefix: &str, rest: &str) -> Option<Arc<str>> {
+    fn find(&self, prefix: &str, rest: &str) -> Option<Arc<str>> {
         let len = prefix.len() + rest.len();
         self.seen
             .iter()
@@ -38,9 +61,8 @@ impl Names {
             .cloned()
     }
 
-    /// Keeps `text` (already checked by the caller) while there is room,
-    /// and returns it.
-    pub fn keep(&mut self, text: Arc<str>) -> Arc<str> {
+    /// Keeps `text` while there is room, and returns it.
+    fn keep(&mut self, text: Arc<str>) -> Arc<str> {
         if self.seen.len() < Self::MAX {
             self.seen.push(text.clone());
         }
@@ -66,6 +88,19 @@ mod tests {
         for i in 0..100 {
             names.keep(Arc::from(format!("m{i}")));
         }
+        // A text the check refuses is neither returned nor kept.
+        let refused = names.intern("", "bad", |_| Err("refused"));
+        assert_eq!(refused, Err("refused"));
+        let m3 = names.intern("m", "3", |_| Err("not asked again"));
+        assert_eq!(m3.as_deref(), Ok("m3"));
+        let fresh = names.intern("", "fresh", |t| {
+            if t == "fresh" {
+                Ok::<_, ()>(())
+            } else {
+                Err(())
+            }
+        });
+        assert_eq!(fresh.as_deref(), Ok("fresh"));
         assert_eq!(names.seen.len(), Names::MAX);
         assert!(names.find("", "m14").is_some());
         assert_eq!(names.find("", "m15"), None);

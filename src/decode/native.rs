@@ -1,8 +1,6 @@
 //! Native payload decoding: `{"seq", "ts", "m"}` or `{"seq", "samples"}`, JSON
 //! or CBOR, into readings. See `edge_payload::native` for the format.
 
-use std::sync::Arc;
-
 use edge_payload::native::{Metrics, NativeMessage};
 
 use super::cbor::{Entries, Item, Reader};
@@ -291,16 +289,12 @@ impl Readings<'_> {
                 limit: self.limits.max_records,
             });
         }
-        let metric = match self.names.find("", metric) {
-            Some(metric) => metric,
-            None => {
-                if metric.is_empty() {
-                    return Err(DecodeError::Native("empty metric name".into()));
-                }
-                check_text(Field::Metric, metric, self.limits.max_metric_bytes)?;
-                self.names.keep(Arc::from(metric))
+        let metric = self.names.intern("", metric, |metric| {
+            if metric.is_empty() {
+                return Err(DecodeError::Native("empty metric name".into()));
             }
-        };
+            check_text(Field::Metric, metric, self.limits.max_metric_bytes)
+        })?;
         let reading = Reading {
             time,
             metric,

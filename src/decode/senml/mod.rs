@@ -26,7 +26,6 @@ mod stream;
 mod visitor;
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use edge_payload::senml::Record;
 
@@ -257,27 +256,18 @@ impl<'a, 'l> Resolver<'a, 'l> {
             });
         }
         let unit = match r.u.as_deref().or(self.bu.as_deref()) {
-            Some(unit) => Some(match self.units.find("", unit) {
-                Some(unit) => unit,
-                None => {
-                    check_text(Field::Unit, unit, limits.max_unit_bytes)?;
-                    self.units.keep(Arc::from(unit))
-                }
-            }),
+            Some(unit) => Some(self.units.intern("", unit, |unit| {
+                check_text(Field::Unit, unit, limits.max_unit_bytes)
+            })?),
             None => None,
         };
-        let metric = match self.names.find(&self.bn, own) {
-            Some(name) => name,
-            None => {
-                let mut name = String::with_capacity(name_len);
-                name.push_str(&self.bn);
-                name.push_str(own);
-                if !valid_name(&name) {
-                    return fail(format!("invalid name {name:?}"));
-                }
-                self.names.keep(Arc::from(name))
+        let metric = self.names.intern(&self.bn, own, |name| {
+            if valid_name(name) {
+                Ok(())
+            } else {
+                fail(format!("invalid name {name:?}"))
             }
-        };
+        })?;
         let seconds = self.bt + r.t.unwrap_or(0.0);
         let time = if seconds < RELATIVE_LIMIT {
             self.relative_time = true;
