@@ -476,9 +476,12 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
     gateway.spawn();
     assert_device_exactly(&client, &gateway, &x, 4, 0).await;
     // Every redelivered pack was recognised (once they have arrived).
-    eventually(Duration::from_secs(30), async || {
-        (gateway.metric("edge_gateway_duplicates_total")? >= 100.0).then_some(())
-    })
+    wait_metric(
+        &gateway,
+        "edge_gateway_duplicates_total",
+        100.0,
+        Duration::from_secs(30),
+    )
     .await;
     assert_eq!(
         gateway.metric("edge_gateway_duplicates_total"),
@@ -519,9 +522,12 @@ async fn a_senml_repeat_the_workers_forgot_is_caught_by_the_database() {
     let again = [pack(0), pack(4), pack(1)];
     mosquitto_pub(port, &topic, &again, Duration::ZERO, &[]);
     assert_device_exactly(&client, &gateway, device, 5, 0).await;
-    eventually(Duration::from_secs(30), async || {
-        (gateway.metric("edge_gateway_duplicates_total")? >= 2.0).then_some(())
-    })
+    wait_metric(
+        &gateway,
+        "edge_gateway_duplicates_total",
+        2.0,
+        Duration::from_secs(30),
+    )
     .await;
     assert_eq!(
         gateway.metric("edge_gateway_duplicates_total"),
