@@ -27,14 +27,18 @@ use crate::model::{Decoded, Micros};
 /// # Errors
 /// [`DecodeError::Json`] for syntax and type errors,
 /// [`DecodeError::TooManyRecords`], and the errors of [`Resolver::push`].
-pub fn decode_json(body: &[u8], received: Micros, limits: &Limits) -> Result<Decoded, DecodeError> {
+pub fn decode_json<'a>(
+    body: &'a [u8],
+    received: Micros,
+    limits: &Limits,
+) -> Result<Decoded, DecodeError> {
     let mut resolver = Resolver::new(received, limits, 8);
     let mut refused = None;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let seed = StreamSeed {
-        resolver: &mut resolver,
-        refused: &mut refused,
+    let seed = Pack {
         max_records: limits.max_records,
+        each: |i, record: &mut RecordRef<'a>| resolver.push(i, record),
+        refused: &mut refused,
     };
     let read = seed.deserialize(&mut de).and_then(|()| de.end());
     match (read, refused) {
@@ -44,34 +48,42 @@ pub fn decode_json(body: &[u8], received: Micros, limits: &Limits) -> Result<Dec
     }
 }
 
-/// A JSON pack, each record resolved as it is read; the resolver's error,
-/// if any, is left in `refused` (serde's errors carry only text).
-struct StreamSeed<'r, 'a, 'l> {
-    resolver: &'r mut Resolver<'a, 'l>,
-    refused: &'r mut Option<DecodeError>,
+/// A whole pack, each record handed to `each` as it is read (filled in
+/// place, then reused for the next); a pack of more than `max_records`
+/// records is refused as the next one starts. What `each` refuses stops the
+/// read and is left in `refused` (serde's errors carry only text).
+struct Pack<'r, F> {
     max_records: usize,
+    each: F,
+    refused: &'r mut Option<DecodeError>,
 }
 
-impl<'de> DeserializeSeed<'de> for StreamSeed<'_, 'de, '_> {
+impl<'de, F> DeserializeSeed<'de> for Pack<'_, F>
+where
+    F: FnMut(usize, &mut RecordRef<'de>) -> Result<(), DecodeError>,
+{
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for StreamSeed<'_, 'de, '_> {
+impl<'de, F> Visitor<'de> for Pack<'_, F>
+where
+    F: FnMut(usize, &mut RecordRef<'de>) -> Result<(), DecodeError>,
+{
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a SenML pack (array of records)")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
         let mut record = RecordRef::default();
         while let Some(()) = seq.next_element_seed(RecordInto(&mut record))? {
             if i == self.max_records {
                 return Err(de::Error::custom(RECORDS_MARK));
             }
-            if let Err(e) = self.resolver.push(i, &mut record) {
+            if let Err(e) = (self.each)(i, &mut record) {
                 *self.refused = Some(e);
                 return Err(de::Error::custom("edge-gateway: refused by the resolver"));
             }
@@ -79,6 +91,22 @@ impl<'de> Visitor<'de> for StreamSeed<'_, 'de, '_> {
         }
         Ok(())
     }
+}
+
+/// The records of a pack, owned: the reference path ([`parse`]).
+fn collect<'de, D: Deserializer<'de>>(d: D, max_records: usize) -> Result<Vec<Record>, D::Error> {
+    let mut records = Vec::new();
+    let mut refused = None;
+    Pack {
+        max_records,
+        each: |_, record: &mut RecordRef<'de>| {
+            records.push(owned(std::mem::take(record)));
+            Ok(())
+        },
+        refused: &mut refused,
+    }
+    .deserialize(d)?;
+    Ok(records)
 }
 
 /// Parses the records of a pack without resolving them; a pack of more
@@ -91,9 +119,7 @@ pub fn parse(
     let records = match encoding {
         Encoding::Json => {
             let mut de = serde_json::Deserializer::from_slice(body);
-            let records = PackSeed { max_records }
-                .deserialize(&mut de)
-                .map_err(|e| json_error(e, max_records))?;
+            let records = collect(&mut de, max_records).map_err(|e| json_error(e, max_records))?;
             de.end().map_err(|e| json_error(e, max_records))?;
             records
         }
@@ -157,40 +183,7 @@ struct CborPack(Vec<Record>);
 
 impl<'de> serde::Deserialize<'de> for CborPack {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CborPack, D::Error> {
-        let max_records = CBOR_MAX_RECORDS.get();
-        PackSeed { max_records }.deserialize(d).map(CborPack)
-    }
-}
-
-/// A whole pack of at most `max_records` records; deserializes from either
-/// encoding.
-struct PackSeed {
-    max_records: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for PackSeed {
-    type Value = Vec<Record>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Record>, D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for PackSeed {
-    type Value = Vec<Record>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a SenML pack (array of records)")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Record>, A::Error> {
-        let hint = seq.size_hint().unwrap_or(8).min(4096).min(self.max_records);
-        let mut records = Vec::with_capacity(hint);
-        let mut record = RecordRef::default();
-        while let Some(()) = seq.next_element_seed(RecordInto(&mut record))? {
-            if records.len() == self.max_records {
-                return Err(de::Error::custom(RECORDS_MARK));
-            }
-            records.push(owned(std::mem::take(&mut record)));
-        }
-        Ok(records)
+        collect(d, CBOR_MAX_RECORDS.get()).map(CborPack)
     }
 }
 
