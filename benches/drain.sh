@@ -7,11 +7,15 @@
 # publishes live (burst, then paced at half that rate for p50/p99).
 # Prints one line per run, a table, and last one JSON line with every run.
 #
-# Then the same SenML CBOR backlog drained by a plain Python consumer
-# (benches/peers/consumer.py; DRAIN_PEER=0 skips it), the baseline.
+# Then the no-index drain of SenML CBOR and native CBOR again with the
+# analytics off (DRAIN_NO_ANALYTICS=0 skips it): the pipeline alone, and by
+# difference the analytics' CPU per reading. Last, the same SenML CBOR
+# backlog drained by a plain Python consumer (benches/peers/consumer.py;
+# DRAIN_PEER=0 skips it), the baseline.
 #
 # Settings: DRAIN_FORMATS (senml-cbor senml-json native-cbor), DRAIN_INDEX
-# (1 0), DRAIN_PEER (1), and the E2E_* variables of benches/e2e.rs; defaults here: 5,000,000
+# (1 0), DRAIN_NO_ANALYTICS (1), DRAIN_PEER (1), and the E2E_* variables of
+# benches/e2e.rs; defaults here: 5,000,000
 # readings from 50 devices, 100 readings a message (50 samples x 2 metrics),
 # 10 s paced.
 set -euo pipefail
@@ -38,6 +42,21 @@ for format in ${DRAIN_FORMATS:-senml-cbor senml-json native-cbor}; do
     }
   done
 done
+# The pipeline alone: the no-index drain of both CBOR formats with the
+# analytics off, which shows what the analytics cost per reading.
+if [ "${DRAIN_NO_ANALYTICS:-1}" != 0 ]; then
+  for format in senml-cbor native-cbor; do
+    echo "drain: $format, index 0, analytics off ..." >&2
+    E2E_GATEWAY_TOML="${E2E_GATEWAY_TOML:-}"$'\n[analytics]\nenabled = false' E2E_LIVE=0 \
+      E2E_FORMAT=$format E2E_INDEX=0 cargo bench -q --bench e2e \
+      2>"$out/$format-plain.log" | tail -1 >>"$out/plain.jsonl" || {
+      echo "drain: $format without analytics failed; its log:" >&2
+      tail -20 "$out/$format-plain.log" >&2
+      exit 1
+    }
+  done
+fi
+touch "$out/plain.jsonl"
 # The baseline: a plain Python consumer on the same SenML CBOR backlog.
 if [ "${DRAIN_PEER:-1}" != 0 ]; then
   python3 -c "import paho.mqtt, cbor2, psycopg" 2>/dev/null || {
@@ -55,9 +74,10 @@ if [ "${DRAIN_PEER:-1}" != 0 ]; then
   done
 fi
 touch "$out/peers.jsonl"
-python3 - "$out/runs.jsonl" "$out/peers.jsonl" <<'EOF'
+python3 - "$out/runs.jsonl" "$out/peers.jsonl" "$out/plain.jsonl" <<'EOF'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+plain = [json.loads(l) for l in open(sys.argv[3]) if l.strip()]
 head = ("format", "index", "drain r/s", "1 COPY r/s", "ratio", "gw us", "db us",
         "COPY db us", "db/COPY", "mq us", "RSS MiB", "live r/s", "p99 ms")
 print("  ".join(f"{h:>11}" for h in head))
@@ -68,6 +88,13 @@ for r in runs:
            r["single_copy_db_cpu_us"], round(db, 2), r["drain_broker_cpu_us"],
            r["drain_peak_rss_mb"], r["readings_per_s"], r["p99_ms"])
     print("  ".join(f"{str(v):>11}" for v in row))
+for p in plain:
+    on = next((r for r in runs if r["format"] == p["format"] and r["indexes"] == 0), None)
+    cost = round(on["drain_gateway_cpu_us"] - p["drain_gateway_cpu_us"], 3) if on else None
+    p["analytics_cpu_us"] = cost
+    print(f"analytics off, {p['format']}, index 0: {p['drain_readings_per_s']:.0f} readings/s "
+          f"(ratio {p['drain_ratio']}), gateway {p['drain_gateway_cpu_us']} us/reading, "
+          f"database {p['drain_db_cpu_us']} us/reading; the analytics cost {cost} us/reading")
 peers = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 for p in peers:
     gw = next((r for r in runs if r["format"] == p["format"] and r["indexes"] == p["indexes"]), None)
@@ -76,5 +103,5 @@ for p in peers:
     print(f"peer consumer, {p['format']}, index {p['indexes']}: {p['drain_readings_per_s']:.0f} readings/s "
           f"(ratio to one raw COPY {p['drain_ratio']}, peer CPU {p['drain_peer_cpu_us']} us/reading, "
           f"database {p['drain_db_cpu_us']} us/reading); the gateway drains {times and round(times, 2)}x as fast")
-print(json.dumps({"runs": runs, "peers": peers}))
+print(json.dumps({"runs": runs, "without_analytics": plain, "peers": peers}))
 EOF
