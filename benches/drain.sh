@@ -78,14 +78,19 @@ python3 - "$out/runs.jsonl" "$out/peers.jsonl" "$out/plain.jsonl" <<'EOF'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 plain = [json.loads(l) for l in open(sys.argv[3]) if l.strip()]
+# db: the server's whole process tree; be: only the backends serving the
+# gateway (or the raw COPY), without autovacuum and the checkpointer.
 head = ("format", "index", "drain r/s", "1 COPY r/s", "ratio", "gw us", "db us",
-        "COPY db us", "db/COPY", "mq us", "RSS MiB", "live r/s", "p99 ms")
+        "COPY db us", "db/COPY", "be us", "COPY be us", "be/COPY", "mq us", "RSS MiB",
+        "live r/s", "p99 ms")
 print("  ".join(f"{h:>11}" for h in head))
 for r in runs:
     db = r["drain_db_cpu_us"] / max(r["single_copy_db_cpu_us"], 1e-9)
+    be = r["drain_db_backends_cpu_us"] / max(r["single_copy_backend_cpu_us"], 1e-9)
     row = (r["format"], r["indexes"], r["drain_readings_per_s"], r["single_copy_readings_per_s"],
            r["drain_ratio"], r["drain_gateway_cpu_us"], r["drain_db_cpu_us"],
-           r["single_copy_db_cpu_us"], round(db, 2), r["drain_broker_cpu_us"],
+           r["single_copy_db_cpu_us"], round(db, 2), r["drain_db_backends_cpu_us"],
+           r["single_copy_backend_cpu_us"], round(be, 2), r["drain_broker_cpu_us"],
            r["drain_peak_rss_mb"], r["readings_per_s"], r["p99_ms"])
     print("  ".join(f"{str(v):>11}" for v in row))
 for p in plain:

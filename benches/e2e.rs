@@ -29,7 +29,11 @@
 //! `/metrics`), against one raw binary COPY of every row over one
 //! connection (PostgreSQL's single-stream ceiling), with the CPU split:
 //! the gateway process, the database server's process tree (backends come
-//! and go; reaped ones count through their parent), mosquitto.
+//! and go; reaped ones count through their parent), mosquitto. The tree
+//! includes autovacuum, which the drain's commits let run and the raw
+//! COPY's single transaction does not, so the database's share is also
+//! given for the backends alone: those serving the gateway against the one
+//! serving the raw COPY (`pg_stat_activity`, their `/proc` CPU).
 //! `E2E_LIVE=0` skips the live phases; `E2E_PERF=FILE` records the whole
 //! machine with `perf record -a -g` during the drain; `E2E_STATEMENTS=1`
 //! prints the drain's top statements from `pg_stat_statements`;
@@ -84,9 +88,16 @@ use tokio_util::sync::CancellationToken;
 /// the page cache until the kernel flushes gigabytes at once, a
 /// multi-second stall), with the usual write-heavy tuning of checkpoint
 /// spacing (at the 1 GB default, a checkpoint every few seconds at these
-/// rates, each followed by a burst of full-page images).
+/// rates, each followed by a burst of full-page images), and
+/// `backend_flush_after` for every backend. The gateway sets that for its
+/// own sessions (`database.flush_after_kb`), but after a drain autovacuum
+/// rewrites the new partition from its own backend; without the server
+/// setting those pages sit dirty until the kernel writes them back 30 s
+/// later (`vm.dirty_expire_centisecs`), half a gigabyte in a second, and
+/// every commit waits behind that (p99 at half rate 385 to 460 ms with the
+/// index, against 207 to 270 with the setting; README, "Deploying").
 const PRODUCTION_PG: &str = "fsync=on;synchronous_commit=on;full_page_writes=on;\
-     max_wal_size=4GB;checkpoint_timeout=15min";
+     max_wal_size=4GB;checkpoint_timeout=15min;backend_flush_after=2MB";
 
 /// The `;`-separated lines of a setting, empty ones left out.
 fn lines(setting: &str) -> Vec<&str> {
@@ -298,14 +309,15 @@ fn counter(text: &str, name: &str) -> f64 {
 /// `connections` connections in batches of `batch_rows`; returns readings/s.
 /// With `single`, one connection sends every row in one COPY statement
 /// (the batches as chunks of one stream): PostgreSQL's own single-stream
-/// ceiling, with no per-transaction cost at all.
+/// ceiling, with no per-transaction cost at all; then also the CPU seconds
+/// of the backend that served it (0 otherwise).
 async fn ceiling(
     db: &tokio_postgres::Config,
     o: &Options,
     connections: usize,
     batch_rows: usize,
     single: bool,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let sim = SimConfig {
         devices: o.devices,
         metrics: o.metrics,
@@ -353,7 +365,13 @@ async fn ceiling(
     if single {
         let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        let backend_cpu = || backend_cpu_secs(&[backend]);
         let last = batches.len() - 1;
+        let cpu0 = backend_cpu();
         let started = Instant::now();
         let sink = client.copy_in(&sql).await?;
         futures_util::pin_mut!(sink);
@@ -368,7 +386,8 @@ async fn ceiling(
             sink.send(batch.slice(from..to)).await?;
         }
         sink.finish().await?;
-        return Ok(o.total_readings() as f64 / started.elapsed().as_secs_f64());
+        let rate = o.total_readings() as f64 / started.elapsed().as_secs_f64();
+        return Ok((rate, backend_cpu() - cpu0));
     }
     let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
     let started = Instant::now();
@@ -393,7 +412,30 @@ async fn ceiling(
         t.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok(o.total_readings() as f64 / secs)
+    Ok((o.total_readings() as f64 / secs, 0.0))
+}
+
+/// CPU seconds the server processes `pids` have used (those gone count 0).
+fn backend_cpu_secs(pids: &[i32]) -> f64 {
+    pids.iter()
+        .filter_map(|&pid| u32::try_from(pid).ok())
+        .filter_map(probe::process)
+        .map(|p| p.cpu_secs)
+        .sum()
+}
+
+/// The client backends now serving anyone but `client` itself.
+async fn client_backends(client: &tokio_postgres::Client) -> Result<Vec<i32>> {
+    Ok(client
+        .query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Publishers for `devices` devices, `count` samples each (or for `secs`),
@@ -605,6 +647,10 @@ struct Drain {
     gateway_cpu: f64,
     /// CPU seconds of the database server's process tree meanwhile.
     db_cpu: f64,
+    /// CPU seconds of the backends serving the gateway: its transactions
+    /// alone, without autovacuum (which the drain's commits let run, and
+    /// the raw COPY's one transaction does not) or the checkpointer.
+    db_backends_cpu: f64,
     broker_cpu: f64,
     peak_rss_mb: f64,
 }
@@ -718,6 +764,8 @@ async fn peer_drain(
         secs,
         gateway_cpu: probe::reaped_cpu_secs(me) - reaped0,
         db_cpu: db_cpu() - db0,
+        // Its backend exits with it, before it could be read.
+        db_backends_cpu: 0.0,
         broker_cpu: 0.0,
         peak_rss_mb: 0.0,
     })
@@ -1084,21 +1132,25 @@ async fn run(o: Options) -> Result<()> {
     let mut ceiling_runs = Vec::new();
     let mut single_runs = Vec::new();
     let mut single_db_cpu = f64::MAX;
+    let mut single_backend_cpu = f64::MAX;
     for run in 1..=2 {
         eprintln!("e2e: ceiling {run}/2: raw binary COPY over {writers} connections ...");
-        ceiling_runs.push(ceiling(&db, &o, writers, batch_rows, false).await?);
+        ceiling_runs.push(ceiling(&db, &o, writers, batch_rows, false).await?.0);
         client.batch_execute("TRUNCATE edge.readings").await?;
         client.batch_execute("CHECKPOINT").await?;
         eprintln!("e2e: ceiling {run}/2: one raw binary COPY of every row ...");
         let cpu0 = db_cpu();
-        single_runs.push(ceiling(&db, &o, 1, batch_rows, true).await?);
+        let (rate, backend_cpu) = ceiling(&db, &o, 1, batch_rows, true).await?;
+        single_runs.push(rate);
         single_db_cpu = single_db_cpu.min(db_cpu() - cpu0);
+        single_backend_cpu = single_backend_cpu.min(backend_cpu);
         client.batch_execute("TRUNCATE edge.readings").await?;
         client.batch_execute("CHECKPOINT").await?;
     }
     let ceiling_rate = ceiling_runs.iter().copied().fold(0.0, f64::max);
     let single_rate = single_runs.iter().copied().fold(0.0, f64::max);
     let single_db_us = us_per_reading(single_db_cpu, o.total_readings());
+    let single_backend_us = us_per_reading(single_backend_cpu, o.total_readings());
 
     if let Some(peer) = &o.peer {
         let drain = peer_drain(&o, peer, &broker, &pg.url(), &db_cpu).await?;
@@ -1151,11 +1203,18 @@ async fn run(o: Options) -> Result<()> {
                 .await?;
         }
         let (db0, broker0) = (db_cpu(), broker_cpu());
+        let others = client_backends(&client).await?;
         let started = Instant::now();
         let gw = start().await?;
         eprintln!("e2e: drain: gateway started, draining ...");
         let perf = profile(&o.perf)?;
         let w = watch(&gw, started, queued, Duration::from_secs(600), 1.0).await?;
+        // Every backend the gateway opened came after `started`: their
+        // whole CPU is the drain's (one that closed meanwhile, such as the
+        // start-up restore, is left out: a few milliseconds).
+        let mut gateway_backends = client_backends(&client).await?;
+        gateway_backends.retain(|pid| !others.contains(pid));
+        let db_backends_cpu = backend_cpu_secs(&gateway_backends);
         if let Some(mut perf) = perf {
             probe::interrupt(&mut perf, Duration::from_secs(60));
         }
@@ -1178,6 +1237,7 @@ async fn run(o: Options) -> Result<()> {
             secs: w.done_secs,
             gateway_cpu: gw.cpu_secs(),
             db_cpu: db_cpu() - db0,
+            db_backends_cpu,
             broker_cpu: broker_cpu() - broker0,
             peak_rss_mb: gw.rss_mb().1,
         };
@@ -1270,9 +1330,10 @@ async fn run(o: Options) -> Result<()> {
     ];
     let drain_rate = drain.readings_per_s();
     let drain_ratio = drain_rate / single_rate;
-    let (drain_gw_us, drain_db_us, drain_broker_us) = (
+    let (drain_gw_us, drain_db_us, drain_backends_us, drain_broker_us) = (
         drain.us(drain.gateway_cpu),
         drain.us(drain.db_cpu),
+        drain.us(drain.db_backends_cpu),
         drain.us(drain.broker_cpu),
     );
     if o.drain {
@@ -1293,6 +1354,10 @@ async fn run(o: Options) -> Result<()> {
                 (
                     "drain: CPU us/reading database (raw COPY)",
                     format!("{drain_db_us:.3} ({single_db_us:.3})"),
+                ),
+                (
+                    "drain: CPU us/reading, its backends (raw COPY's)",
+                    format!("{drain_backends_us:.3} ({single_backend_us:.3})"),
                 ),
                 (
                     "drain: CPU us/reading broker",
@@ -1346,6 +1411,8 @@ async fn run(o: Options) -> Result<()> {
         "drain_gateway_cpu_us": milli(drain_gw_us),
         "drain_db_cpu_us": milli(drain_db_us),
         "single_copy_db_cpu_us": milli(single_db_us),
+        "drain_db_backends_cpu_us": milli(drain_backends_us),
+        "single_copy_backend_cpu_us": milli(single_backend_us),
         "drain_broker_cpu_us": milli(drain_broker_us),
         "drain_peak_rss_mb": (drain.peak_rss_mb * 10.0).round() / 10.0,
         "citus_workers": o.citus,
