@@ -415,6 +415,24 @@ async fn ceiling(
     Ok((o.total_readings() as f64 / secs, 0.0))
 }
 
+/// The host's dirty-page writeback settings, which the p99 with the index
+/// depends on: at the kernel's defaults (a ratio of memory, 30 s expiry)
+/// data files' pages that `backend_flush_after` does not cover pile up
+/// and go out in one burst, and the commits behind it wait (README,
+/// "Deploying").
+fn host_writeback() -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/vm/{name}"))
+            .map_or_else(|_| "?".to_string(), |v| v.trim().to_string())
+    };
+    format!(
+        "vm.dirty_background_bytes {} (ratio {}), vm.dirty_expire_centisecs {}",
+        read("dirty_background_bytes"),
+        read("dirty_background_ratio"),
+        read("dirty_expire_centisecs")
+    )
+}
+
 /// CPU seconds the server processes `pids` have used (those gone count 0).
 fn backend_cpu_secs(pids: &[i32]) -> f64 {
     pids.iter()
@@ -1044,6 +1062,8 @@ async fn run(o: Options) -> Result<()> {
         o.publishers,
         if o.index { "on" } else { "off" }
     );
+    let writeback = host_writeback();
+    eprintln!("e2e: host writeback: {writeback}");
     let mut settings = o.pg_settings.clone();
     if o.statements {
         settings.push_str(";shared_preload_libraries=pg_stat_statements");
@@ -1421,6 +1441,7 @@ async fn run(o: Options) -> Result<()> {
         "format": o.format.name(),
         "indexes": indexes,
         "writers": writers,
+        "host_writeback": writeback,
         "readings_per_s": rate.round(),
         "ceiling_readings_per_s": ceiling_rate.round(),
         "ceiling_runs": ceiling_runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
