@@ -157,6 +157,33 @@ fn bench_analytics(c: &mut Criterion) {
             detector.update(&anomaly, 20.0 + (i % 17) as f64 * 0.7)
         })
     });
+    // What each optional channel costs (their quality: README, `--ideas`).
+    for (name, config) in [
+        (
+            "detector_without_distribution",
+            AnomalyConfig {
+                distribution: false,
+                ..AnomalyConfig::default()
+            },
+        ),
+        (
+            "detector_without_coarse",
+            AnomalyConfig {
+                blocks: Vec::new(),
+                ..AnomalyConfig::default()
+            },
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            let anomaly = config.prepare();
+            let mut detector = Detector::new(&anomaly);
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                detector.update(&anomaly, 20.0 + (i % 17) as f64 * 0.7)
+            })
+        });
+    }
     group.bench_function("engine_observe", |b| {
         let mut analytics = Analytics::new(
             Arc::new(AnalyticsConfig::default()),
