@@ -4,7 +4,7 @@
 //! anomalies injected from the simulator's ground truth and rules that
 //! catch them at the edge; a live status line with the alerts as they come
 //! (or, with `--top`, the live view); at the end, row counts read back from
-//! PostgreSQL and the [`detection`] table against the ground truth.
+//! PostgreSQL and the `detection` table against the ground truth.
 //! Everything is removed on exit or Ctrl-C.
 
 mod detection;

@@ -2,10 +2,10 @@
 //!
 //! The detector runs up to four *channels* over a series and reports the
 //! largest of their scores; each channel turns a raw score in [0, 1] into
-//! an *anomaly likelihood* (see [`likelihood`]): how unusual the average
-//! of its last few raw scores is against that average's own long-run
-//! distribution, as `-ln Q / ln 1e10` (0.5 is a tail probability of 1e-5,
-//! the alarm level). What each channel reacts to:
+//! an *anomaly likelihood* (the private `likelihood` module): how unusual
+//! the average of its last few raw scores is against that average's own
+//! long-run distribution, as `-ln Q / ln 1e10` (0.5 is a tail probability
+//! of 1e-5, the alarm level). What each channel reacts to:
 //! 1. *level*: the reading's z-score against a slowly forgetting mean and
 //!    variance (`level_alpha`): spikes, dips and level shifts, and also a
 //!    series that turns unusually calm (the likelihood is two-sided);
@@ -16,8 +16,9 @@
 //!    of pattern in a periodic series;
 //! 3. *distribution* (`distribution`): the relative entropy between the
 //!    histogram of the last `histogram_window` readings and the long-run
-//!    histogram (see [`entropy`]): changes of shape rather than of level,
-//!    a flat stretch in a periodic series, a change in noise.
+//!    histogram (the private `entropy` module): changes of shape rather
+//!    than of level, a flat stretch in a periodic series, a change in
+//!    noise.
 //!
 //! On top of the channels, two cheap layers: a reading more than
 //! `out_of_range` of the range seen so far beyond that range scores 1
