@@ -31,32 +31,34 @@ cargo bench --no-run -q --bench e2e 2>/dev/null
 export E2E_GATEWAY=${E2E_GATEWAY:-$PWD/target/release/edge-gateway}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+runs=0
+# One run of benches/e2e.rs with the settings given (VAR=value ...): "$1"
+# names it, its JSON line goes to $out/"$2".jsonl; a failed run prints the
+# end of its log and stops the script.
+e2e() {
+  local what=$1 into=$2 log="$out/run-$((runs += 1)).log"
+  shift 2
+  echo "drain: $what ..." >&2
+  env "$@" cargo bench -q --bench e2e 2>"$log" | tail -1 >>"$out/$into.jsonl" || {
+    echo "drain: $what failed; its log:" >&2
+    tail -20 "$log" >&2
+    exit 1
+  }
+}
 for format in ${DRAIN_FORMATS:-senml-cbor senml-json native-cbor}; do
   for index in ${DRAIN_INDEX:-1 0}; do
-    echo "drain: $format, index $index ..." >&2
-    E2E_FORMAT=$format E2E_INDEX=$index cargo bench -q --bench e2e \
-      2>"$out/$format-$index.log" | tail -1 >>"$out/runs.jsonl" || {
-      echo "drain: $format, index $index failed; its log:" >&2
-      tail -20 "$out/$format-$index.log" >&2
-      exit 1
-    }
+    e2e "$format, index $index" runs E2E_FORMAT="$format" E2E_INDEX="$index"
   done
 done
 # The pipeline alone: the no-index drain of both CBOR formats with the
 # analytics off, which shows what the analytics cost per reading.
 if [ "${DRAIN_NO_ANALYTICS:-1}" != 0 ]; then
   for format in senml-cbor native-cbor; do
-    echo "drain: $format, index 0, analytics off ..." >&2
-    E2E_GATEWAY_TOML="${E2E_GATEWAY_TOML:-}"$'\n[analytics]\nenabled = false' E2E_LIVE=0 \
-      E2E_FORMAT=$format E2E_INDEX=0 cargo bench -q --bench e2e \
-      2>"$out/$format-plain.log" | tail -1 >>"$out/plain.jsonl" || {
-      echo "drain: $format without analytics failed; its log:" >&2
-      tail -20 "$out/$format-plain.log" >&2
-      exit 1
-    }
+    e2e "$format, index 0, analytics off" plain \
+      E2E_GATEWAY_TOML="${E2E_GATEWAY_TOML:-}"$'\n[analytics]\nenabled = false' \
+      E2E_LIVE=0 E2E_FORMAT="$format" E2E_INDEX=0
   done
 fi
-touch "$out/plain.jsonl"
 # The baseline: a plain Python consumer on the same SenML CBOR backlog.
 if [ "${DRAIN_PEER:-1}" != 0 ]; then
   python3 -c "import paho.mqtt, cbor2, psycopg" 2>/dev/null || {
@@ -64,16 +66,12 @@ if [ "${DRAIN_PEER:-1}" != 0 ]; then
     exit 1
   }
   for index in ${DRAIN_INDEX:-1 0}; do
-    echo "drain: peer consumer, senml-cbor, index $index ..." >&2
-    E2E_PEER="python3 $PWD/benches/peers/consumer.py" E2E_LIVE=0 E2E_FORMAT=senml-cbor \
-      E2E_INDEX=$index cargo bench -q --bench e2e 2>"$out/peer-$index.log" | tail -1 >>"$out/peers.jsonl" || {
-      echo "drain: peer, index $index failed; its log:" >&2
-      tail -20 "$out/peer-$index.log" >&2
-      exit 1
-    }
+    e2e "peer consumer, senml-cbor, index $index" peers \
+      E2E_PEER="python3 $PWD/benches/peers/consumer.py" E2E_LIVE=0 \
+      E2E_FORMAT=senml-cbor E2E_INDEX="$index"
   done
 fi
-touch "$out/peers.jsonl"
+touch "$out/runs.jsonl" "$out/plain.jsonl" "$out/peers.jsonl"
 python3 - "$out/runs.jsonl" "$out/peers.jsonl" "$out/plain.jsonl" <<'EOF'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
