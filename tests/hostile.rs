@@ -476,19 +476,14 @@ async fn relative_senml_redelivered_after_sigkill_is_not_stored_twice() {
     gateway.spawn();
     assert_device_exactly(&client, &gateway, &x, 4, 0).await;
     // Every redelivered pack was recognised (once they have arrived).
-    wait_metric(
+    // The broker redelivered Y's 100 packs.
+    wait_metric_exactly(
         &gateway,
         "edge_gateway_duplicates_total",
         100.0,
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(
-        gateway.metric("edge_gateway_duplicates_total"),
-        Some(100.0),
-        "the broker redelivered Y's 100 packs; log:\n{}",
-        gateway.log()
-    );
     assert_device_exactly(&client, &gateway, &y, 100, 0).await;
 }
 
@@ -522,19 +517,13 @@ async fn a_senml_repeat_the_workers_forgot_is_caught_by_the_database() {
     let again = [pack(0), pack(4), pack(1)];
     mosquitto_pub(port, &topic, &again, Duration::ZERO, &[]);
     assert_device_exactly(&client, &gateway, device, 5, 0).await;
-    wait_metric(
+    wait_metric_exactly(
         &gateway,
         "edge_gateway_duplicates_total",
         2.0,
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(
-        gateway.metric("edge_gateway_duplicates_total"),
-        Some(2.0),
-        "log:\n{}",
-        gateway.log()
-    );
     let ids: i64 = client
         .query_one("SELECT count(*) FROM edge.message_ids", &[])
         .await

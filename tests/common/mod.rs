@@ -274,6 +274,18 @@ pub async fn wait_metric(gateway: &Gateway, name: &str, at_least: f64, within: D
     );
 }
 
+/// [`wait_metric`] for a counter that must end at exactly `value`: once it
+/// is reached, it must not have gone past it; fails with the gateway's log.
+pub async fn wait_metric_exactly(gateway: &Gateway, name: &str, value: f64, within: Duration) {
+    wait_metric(gateway, name, value, within).await;
+    assert_eq!(
+        gateway.metric(name),
+        Some(value),
+        "{name}; log:\n{}",
+        gateway.log()
+    );
+}
+
 /// Waits until every message the gateway received is committed or spooled
 /// but `held` (messages a test keeps from committing): a duplicate would be
 /// in the tables by then.
