@@ -95,7 +95,7 @@ use tokio_util::sync::CancellationToken;
 /// setting those pages sit dirty until the kernel writes them back 30 s
 /// later (`vm.dirty_expire_centisecs`), half a gigabyte in a second, and
 /// every commit waits behind that (p99 at half rate 385 to 460 ms with the
-/// index, against 207 to 270 with the setting; README, "Deploying").
+/// index, against 207 to 274 with the setting; README, "Deploying").
 const PRODUCTION_PG: &str = "fsync=on;synchronous_commit=on;full_page_writes=on;\
      max_wal_size=4GB;checkpoint_timeout=15min;backend_flush_after=2MB";
 

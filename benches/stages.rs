@@ -148,17 +148,10 @@ fn bench_analytics(c: &mut Criterion) {
             state.update(&rule, t, v, score)
         })
     });
-    group.bench_function("detector", |b| {
-        let anomaly = AnomalyConfig::default().prepare();
-        let mut detector = Detector::new(&anomaly);
-        let mut i = 0u64;
-        b.iter(|| {
-            i += 1;
-            detector.update(&anomaly, 20.0 + (i % 17) as f64 * 0.7)
-        })
-    });
-    // What each optional channel costs (their quality: README, `--ideas`).
+    // The detector, and without each optional channel: what that channel
+    // costs (its quality: README, `--ideas`).
     for (name, config) in [
+        ("detector", AnomalyConfig::default()),
         (
             "detector_without_distribution",
             AnomalyConfig {
